@@ -1,0 +1,276 @@
+"""Files -> tensors: the OASIS PNG slices as tf.data pipelines, and the built-in demo set.
+
+Layouts accepted for --data-dir (each split is a folder of grayscale PNGs):
+    OASIS as distributed:  DIR/keras_png_slices_{train,validate,test}/*.png  (seg folders beside them ignored)
+    its parent:            DIR/<anything>/keras_png_slices_{train,validate,test}/*.png
+    plain:                 DIR/{train,validate or val,test}/*.png
+
+The demo set (`python dataset.py --make-demo data/demo`) has the OASIS layout and names, built from the MNI152 T1
+template that nilearn ships, so everything runs without downloading OASIS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from utils import UserError
+
+SPLITS = ("train", "validate", "test")
+SPLIT_FOLDERS = {
+    "train": ("keras_png_slices_train", "train"),
+    "validate": ("keras_png_slices_validate", "validate", "val"),
+    "test": ("keras_png_slices_test", "test"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finding the files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def find_splits(data_dir: str | Path) -> dict[str, Path]:
+    """Maps each split found under data_dir (or one folder below it) to its folder."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"data folder {data_dir} does not exist; pass --data-dir PATH to the OASIS slices "
+                        "or use --demo for the built-in demo set")
+    for root in [data_dir, *sorted(p for p in data_dir.iterdir() if p.is_dir())]:
+        found = {}
+        for split, names in SPLIT_FOLDERS.items():
+            folder = next((root / n for n in names if (root / n).is_dir()), None)
+            if folder is not None:
+                found[split] = folder
+        if found:
+            return found
+    raise UserError(f"{data_dir} holds no split folders; expected keras_png_slices_train/_validate/_test "
+                    "(as OASIS is distributed) or train/ validate/ test/, here or one folder below")
+
+
+def split_files(data_dir: str | Path, split: str) -> list[str]:
+    """The sorted PNG paths of one split; a UserError if the split is missing or empty."""
+    splits = find_splits(data_dir)
+    if split not in splits:
+        raise UserError(f"{data_dir} has no {split} split; expected one of the folders "
+                        f"{', '.join(SPLIT_FOLDERS[split])} (found: {', '.join(splits) or 'none'})")
+    files = sorted(str(p) for p in splits[split].iterdir() if p.suffix.lower() == ".png" and p.is_file())
+    if not files:
+        raise UserError(f"split folder {splits[split]} contains no .png files; point --data-dir at the slices")
+    return files
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding: PNG bytes -> float32 (H, W, 1) in [0, 1]
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def decode_png(path, image_size: int):
+    """One PNG -> (image_size, image_size, 1) float32 in [0, 1]. RGB/RGBA become gray; 8-bit PNGs are divided
+    by 255, 16-bit PNGs scaled by their own min..max (their stored range varies between exporters)."""
+    import tensorflow as tf
+
+    raw = tf.io.read_file(path)
+    image = tf.cast(tf.io.decode_png(raw, channels=1, dtype=tf.uint16), tf.float32)  # 8-bit values arrive x257
+    is_16_bit = tf.equal(tf.strings.substr(raw, 24, 1), b"\x10")  # IHDR bit depth byte
+
+    def own_range():
+        lo, hi = tf.reduce_min(image), tf.reduce_max(image)
+        return (image - lo) / tf.maximum(hi - lo, 1.0)
+
+    image = tf.cond(is_16_bit, own_range, lambda: image / 65535.0)
+    if image.shape[0] != image_size or image.shape[1] != image_size:  # shapes are unknown in graph mode: resize
+        image = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
+    image = tf.ensure_shape(image, (image_size, image_size, 1))
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def _first_bad_file(files: list[str], image_size: int) -> tuple[str, str]:
+    """Decodes files one by one (only after the fast path failed) to name the culprit."""
+    import tensorflow as tf
+
+    for path in files:
+        try:
+            decode_png(tf.constant(path), image_size)
+        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.DataLossError) as error:
+            return path, error.message.strip().splitlines()[-1].split("[Op:")[0].strip()
+    return "", ""
+
+
+def _decoded(files: list[str], image_size: int):
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices(files).map(
+        lambda p: decode_png(p, image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _raise_bad_file(files: list[str], image_size: int, error) -> None:
+    path, reason = _first_bad_file(files, image_size)
+    if path:
+        raise UserError(f"cannot read {path} as a PNG image ({reason}); remove or replace the file") from None
+    raise error
+
+
+def load_images(files: list[str], image_size: int) -> np.ndarray:
+    """All of `files` decoded in parallel into one (N, image_size, image_size, 1) float32 array."""
+    import tensorflow as tf
+
+    try:
+        batches = [b.numpy() for b in _decoded(files, image_size).batch(256)]
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.DataLossError) as error:
+        _raise_bad_file(files, image_size, error)
+    return np.concatenate(batches)
+
+
+def make_dataset(files: list[str], image_size: int, batch_size: int, shuffle: bool, seed: int = 0):
+    """files -> decode in parallel -> resize -> scale -> cache -> (shuffle) -> batch -> prefetch.
+
+    Yields (images, images) pairs, since the VQ-VAE reconstructs its input. The cache is filled here, in one
+    pass that also checks every file, so a corrupt PNG is reported by name before training starts and the first
+    epoch reads from memory.
+    """
+    import tensorflow as tf
+
+    dataset = _decoded(files, image_size).cache()
+    try:
+        for _ in dataset.batch(256):
+            pass
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.DataLossError) as error:
+        _raise_bad_file(files, image_size, error)
+    if shuffle:
+        dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size).map(lambda x: (x, x)).prefetch(tf.data.AUTOTUNE)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The demo set: synthetic subjects from the MNI152 template
+# ---------------------------------------------------------------------------------------------------------------
+
+DEMO_SLICES = 32  # axial slices per subject, as in the OASIS PNG release
+DEMO_SIZE = 256  # pixels, as OASIS
+DEMO_MM_PER_PIXEL = 0.8  # makes the template brain fill the frame about as OASIS brains do
+DEMO_Z_RANGE = (-36.0, 68.0)  # mm, MNI z: from the temporal lobes to the upper cortex, as the OASIS slices span
+
+
+def _template() -> tuple[np.ndarray, np.ndarray]:
+    """The 1 mm MNI152 T1 template (skull-stripped, in [0, 1]) and its tissue labels 0/85/170/255."""
+    from nilearn import datasets
+
+    t1 = datasets.load_mni152_template(resolution=1).get_fdata().astype(np.float32)
+    gm = datasets.load_mni152_gm_template(resolution=1).get_fdata().astype(np.float32)
+    wm = datasets.load_mni152_wm_template(resolution=1).get_fdata().astype(np.float32)
+    csf = np.clip(1.0 - gm - wm, 0.0, 1.0)
+    labels = np.array([85, 170, 255], np.uint8)[np.argmax(np.stack([csf, gm, wm]), axis=0)]
+    labels[t1 <= 0.0] = 0
+    return t1, labels
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple, coarse: tuple, scale: float) -> np.ndarray:
+    """Random noise on a coarse grid, interpolated (cubic spline) up to `shape`: a smooth random field."""
+    from scipy import ndimage
+
+    field = rng.normal(0.0, scale, coarse).astype(np.float32)
+    for axis, (n, c) in enumerate(zip(shape, coarse)):
+        # Spline zoom is linear and separable: zooming the identity gives its (n, c) matrix for one axis.
+        matrix = ndimage.zoom(np.eye(c, dtype=np.float32), (n / c, 1), order=3, mode="nearest")
+        field = np.moveaxis(np.tensordot(matrix, field, axes=(1, axis)), 0, axis)
+    return field
+
+
+def _demo_subject(t1: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic subject: (DEMO_SLICES, 256, 256) uint8 slices and their labels."""
+    from scipy import ndimage
+
+    shape = (DEMO_SLICES, DEMO_SIZE, DEMO_SIZE)
+    # Output grid in mm around the brain's centre: rows run anterior -> posterior, columns left -> right.
+    z0, z1 = DEMO_Z_RANGE
+    z = np.linspace(z0, z1, DEMO_SLICES) + rng.uniform(-3, 3)
+    half = DEMO_SIZE / 2 * DEMO_MM_PER_PIXEL
+    row = np.linspace(half, -half, DEMO_SIZE) - 18.0  # the template brain is centred about 18 mm posterior of y = 0
+    col = np.linspace(-half, half, DEMO_SIZE)
+    grid = np.stack(np.meshgrid(z, row, col, indexing="ij"))  # (3, S, H, W) as (z, y, x) in mm
+    # Random affine: per-axis scaling, rotation mostly in-plane, a shift.
+    angles = np.deg2rad([rng.uniform(-10, 10), rng.uniform(-4, 4), rng.uniform(-4, 4)])
+    rot = np.eye(3)
+    for axis, angle in enumerate(angles):  # rotations about z, y, x in turn
+        i, j = [a for a in range(3) if a != axis]
+        r = np.eye(3)
+        r[[i, i, j, j], [i, j, i, j]] = [np.cos(angle), -np.sin(angle), np.sin(angle), np.cos(angle)]
+        rot = rot @ r
+    matrix = rot @ np.diag(rng.uniform(0.88, 1.12, 3))
+    points = np.einsum("ij,j...->i...", matrix, grid) + rng.uniform(-5, 5, (3, 1, 1, 1))
+    # Smooth random deformation, up to a few mm.
+    points += np.stack([_smooth_field(rng, shape, (4, 6, 6), 2.5) for _ in range(3)])
+    # mm (z, y, x) -> template voxel indices (x, y, z); the 1 mm template's origin is at (-98, -134, -72) mm.
+    voxels = np.stack([points[2] + 98.0, points[1] + 134.0, points[0] + 72.0]).reshape(3, -1)
+    image = ndimage.map_coordinates(t1, voxels, order=1, mode="constant", cval=0.0).reshape(shape)
+    label = ndimage.map_coordinates(labels, voxels, order=0, mode="constant", cval=0).reshape(shape)
+    # Intensity: gamma, a smooth multiplicative bias field, scanner noise inside the head.
+    inside = image > 0.02
+    image = image ** rng.uniform(0.75, 1.35)
+    image *= np.exp(_smooth_field(rng, shape, (3, 4, 4), 0.12))
+    image += rng.normal(0.0, rng.uniform(0.005, 0.025), shape) * inside
+    image = np.where(inside, image / max(np.percentile(image[inside], 99.8), 1e-6), 0.0)
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), label.astype(np.uint8)
+
+
+def make_demo(out_dir: str | Path, subjects: tuple[int, int, int] = (48, 6, 6), seed: int = 0,
+              verbose: bool = True) -> Path:
+    """Writes an OASIS-layout demo set: keras_png_slices_{split} and keras_png_slices_seg_{split} folders of
+    256x256 PNGs named case_XXX_slice_N.nii.png. Each subject lies wholly in one split. Same seed, same bytes."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    t1, labels = _template()
+    case = 0
+    for split, count in zip(SPLITS, subjects):
+        image_dir = out_dir / f"keras_png_slices_{split}"
+        seg_dir = out_dir / f"keras_png_slices_seg_{split}"
+        image_dir.mkdir(parents=True, exist_ok=True)
+        seg_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(count):
+            case += 1
+            images, segs = _demo_subject(t1, labels, np.random.default_rng([seed, case]))
+            for i, (image, seg) in enumerate(zip(images, segs)):
+                Image.fromarray(image).save(image_dir / f"case_{case:03d}_slice_{i}.nii.png")
+                Image.fromarray(seg).save(seg_dir / f"seg_{case:03d}_slice_{i}.nii.png")
+            if verbose:
+                print(f"\rdemo set: subject {case}/{sum(subjects)}", end="", flush=True)
+    if verbose:
+        print(f"\rdemo set: {sum(subjects)} subjects x {DEMO_SLICES} slices written to {out_dir}")
+    return out_dir
+
+
+def demo_is_complete(out_dir: str | Path, subjects: tuple[int, int, int] = (48, 6, 6)) -> bool:
+    out_dir = Path(out_dir)
+    return all(len(list((out_dir / f"keras_png_slices_{split}").glob("*.png"))) == n * DEMO_SLICES
+               for split, n in zip(SPLITS, subjects))
+
+
+def ensure_demo(out_dir: str | Path) -> Path:
+    """Builds the demo set into out_dir unless a complete one is there already."""
+    if not demo_is_complete(out_dir):
+        make_demo(out_dir)
+    return Path(out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--make-demo", metavar="DIR", required=True, help="write the demo set into DIR")
+    parser.add_argument("--subjects", type=int, nargs=3, default=(48, 6, 6), metavar=("TRAIN", "VAL", "TEST"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        if min(args.subjects) < 1:
+            raise UserError(f"--subjects needs at least one subject per split, got {args.subjects}")
+        make_demo(args.make_demo, tuple(args.subjects), args.seed)
+    except (UserError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

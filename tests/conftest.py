@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny demo set (built once per session) and tiny PNG trees."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dataset
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """The demo set at its smallest: 2 train, 1 validation and 1 test subject (128 slices)."""
+    return dataset.make_demo(tmp_path_factory.mktemp("demo"), subjects=(2, 1, 1), seed=0, verbose=False)
+
+
+def write_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def brainish(size=32, seed=0, dtype=np.uint8, value=None):
+    """A bright disc on black, like a skull-stripped slice."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2
+    top = np.iinfo(dtype).max if value is None else value
+    return (disc * rng.uniform(0.5, 1.0, (size, size)) * top).astype(dtype)
+
+
+@pytest.fixture
+def png_tree(tmp_path):
+    """Makes a tiny tree of PNGs: png_tree({"train": 3, ...}, root=...) -> root."""
+
+    def make(counts, root=None, size=32):
+        root = root or tmp_path / "data"
+        for folder, n in counts.items():
+            for i in range(n):
+                write_png(root / folder / f"case_{i:03d}_slice_0.nii.png", brainish(size, seed=i))
+        return root
+
+    return make

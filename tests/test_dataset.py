@@ -1,0 +1,173 @@
+"""Files -> tensors: every accepted layout loads; every bad input is one clear line and exit code 2; the demo
+builder is deterministic and never splits a subject."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dataset
+import train
+from conftest import brainish, write_png
+from utils import UserError
+
+OASIS = {"keras_png_slices_train": 3, "keras_png_slices_validate": 2, "keras_png_slices_test": 2,
+         "keras_png_slices_seg_train": 3}
+
+
+@pytest.mark.parametrize("layout, counts", [
+    ("oasis", OASIS),
+    ("oasis-parent", OASIS),
+    ("plain", {"train": 3, "validate": 2, "test": 2}),
+    ("plain-val", {"train": 3, "val": 2, "test": 2}),
+])
+def test_each_layout_loads_with_right_shapes_and_range(png_tree, tmp_path, layout, counts):
+    root = tmp_path / "data"
+    png_tree(counts, root=root / "OASIS" if layout == "oasis-parent" else root)
+    for split, n in [("train", 3), ("validate", 2), ("test", 2)]:
+        files = dataset.split_files(root, split)
+        assert len(files) == n and all("seg" not in Path(f).parent.name for f in files)
+        images = dataset.load_images(files, image_size=32)
+        assert images.shape == (n, 32, 32, 1) and images.dtype == np.float32
+        assert images.min() == 0.0 and 0.5 < images.max() <= 1.0
+
+
+def test_pipeline_batches_pairs_and_caches_every_file(png_tree):
+    root = png_tree({"train": 5})
+    files = dataset.split_files(root, "train")
+    ds = dataset.make_dataset(files, image_size=16, batch_size=2, shuffle=True, seed=0)
+    for f in files:  # the cache was filled when the pipeline was made: the files are no longer needed
+        Path(f).unlink()
+    batches = list(ds)
+    assert [len(x) for x, _ in batches] == [2, 2, 1]
+    for x, y in batches:
+        assert x.shape[1:] == (16, 16, 1)
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+
+
+def test_eight_bit_scaled_by_255_rgb_to_gray_sixteen_bit_by_own_range_sizes_resized(tmp_path):
+    gray = np.full((32, 32), 51, np.uint8)
+    write_png(tmp_path / "gray.png", gray)
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[..., 1] = 255
+    write_png(tmp_path / "rgb.png", rgb)
+    rgba = np.dstack([np.full((32, 32, 3), 102, np.uint8), np.full((32, 32), 255, np.uint8)])
+    write_png(tmp_path / "rgba.png", rgba)
+    sixteen = brainish(32, dtype=np.uint16, value=4000)
+    write_png(tmp_path / "sixteen.png", sixteen)
+    write_png(tmp_path / "big.png", np.full((64, 48), 255, np.uint8))
+    names = ["gray", "rgb", "rgba", "sixteen", "big"]
+    images = dataset.load_images([str(tmp_path / f"{n}.png") for n in names], image_size=32)
+    assert images.shape == (5, 32, 32, 1)
+    np.testing.assert_allclose(images[0], 51 / 255, atol=1e-6)
+    np.testing.assert_allclose(images[1], 0.587, atol=0.01)  # ITU-R 601 luma of pure green
+    np.testing.assert_allclose(images[2], 102 / 255, atol=0.01)
+    expected = (sixteen - sixteen.min()) / (sixteen.max() - sixteen.min())
+    np.testing.assert_allclose(images[3][..., 0], expected, atol=1e-5)
+    np.testing.assert_allclose(images[4], 1.0, atol=1e-5)
+
+
+def user_error(call) -> str:
+    with pytest.raises(UserError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_folder(tmp_path):
+    assert "does not exist" in user_error(lambda: dataset.find_splits(tmp_path / "nope"))
+
+
+def test_no_split_folders(tmp_path):
+    (tmp_path / "random").mkdir()
+    assert "no split folders" in user_error(lambda: dataset.find_splits(tmp_path))
+
+
+def test_empty_split(png_tree):
+    root = png_tree({"train": 2})
+    (root / "validate").mkdir()
+    assert re.search(r"validate contains no \.png", user_error(lambda: dataset.split_files(root, "validate")))
+    assert "no test split" in user_error(lambda: dataset.split_files(root, "test"))
+
+
+@pytest.mark.parametrize("content", [b"this is not an image", "truncated"])
+def test_corrupt_png_is_named(png_tree, content):
+    root = png_tree({"train": 4})
+    bad = root / "train" / "case_002_slice_0.nii.png"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2] if content == "truncated" else content)
+    files = dataset.split_files(root, "train")
+    message = user_error(lambda: dataset.load_images(files, 32))
+    assert str(bad) in message and "PNG" in message
+    message = user_error(lambda: dataset.make_dataset(files, 32, 2, shuffle=False))
+    assert str(bad) in message
+
+
+def run_train(*args, cwd):
+    return subprocess.run([sys.executable, str(Path(train.__file__)), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_train_cli_reports_bad_data_in_one_line_with_exit_2_and_creates_no_run(tmp_path, png_tree):
+    root = png_tree({"train": 2, "validate": 1})
+    (root / "validate" / "case_000_slice_0.nii.png").write_bytes(b"oops")
+    result = run_train("--data-dir", str(root), "--image-size", "16", "--runs-dir", str(tmp_path / "runs"),
+                       cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "case_000_slice_0.nii.png" in line
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--data-dir", "missing"], "missing does not exist"),
+    ([], "data/oasis does not exist; pass --data-dir PATH"),
+    (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--batch-size", "-1"], "--batch-size must be a positive integer"),
+    (["--image-size", "30", "--downsample", "4"], "not divisible by --downsample"),
+])
+def test_train_main_rejects_bad_settings_with_exit_2(tmp_path, monkeypatch, capsys, args, expected):
+    monkeypatch.chdir(tmp_path)
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and expected in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def demo_files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(Path(root).rglob("*.png"))}
+
+
+def test_demo_set_is_deterministic_oasis_shaped_and_keeps_subjects_in_one_split(demo_dir, tmp_path):
+    again = dataset.make_demo(tmp_path / "again", subjects=(2, 1, 1), seed=0, verbose=False)
+    files = demo_files(demo_dir)
+    assert files == demo_files(again)  # same seed, same bytes
+    cases = {}
+    for split, n in zip(dataset.SPLITS, (2, 1, 1)):
+        names = [p.name for p in (demo_dir / f"keras_png_slices_{split}").glob("*.png")]
+        assert len(names) == n * dataset.DEMO_SLICES
+        assert all(re.fullmatch(r"case_\d{3}_slice_\d+\.nii\.png", name) for name in names)
+        cases[split] = {name.split("_slice")[0] for name in names}
+        assert len(list((demo_dir / f"keras_png_slices_seg_{split}").glob("*.png"))) == n * dataset.DEMO_SLICES
+    assert not (cases["train"] & cases["validate"]) and not (cases["train"] & cases["test"])
+    assert not (cases["validate"] & cases["test"])
+    images = dataset.load_images(dataset.split_files(demo_dir, "train"), 256)
+    assert images.shape == (64, 256, 256, 1)
+    brain = (images > 0.02).mean(axis=(1, 2, 3))
+    assert 0.05 < brain.mean() < 0.6  # a brain on a black background, as OASIS slices are
+    seg_values = {v for p in (demo_dir / "keras_png_slices_seg_test").glob("*.png")
+                  for v in np.unique(np.asarray(Image.open(p)))}
+    assert seg_values == {0, 85, 170, 255}
+
+
+def test_demo_differs_with_seed(tmp_path):
+    template = dataset._template()
+    a = dataset._demo_subject(*template, np.random.default_rng([0, 1]))[0]
+    b = dataset._demo_subject(*template, np.random.default_rng([1, 1]))[0]
+    assert a.shape == (dataset.DEMO_SLICES, 256, 256) and np.mean(a != b) > 0.1

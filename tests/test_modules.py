@@ -1,0 +1,124 @@
+"""The VQ-VAE as the paper defines it: nearest code, straight-through gradients, both loss terms, shapes,
+codebook usage, and .keras round trips."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import modules
+from modules import VQVAE, VectorQuantizer
+
+
+def quantizer(k=16, d=4, beta=0.25, seed=0):
+    keras.utils.set_random_seed(seed)
+    q = VectorQuantizer(k, d, commitment_cost=beta)
+    q.build((None, d))
+    return q
+
+
+def test_nearest_code_matches_brute_force_numpy():
+    q = quantizer(k=37, d=5)
+    z = np.random.default_rng(1).normal(size=(3, 7, 6, 5)).astype("float32")
+    codebook = q.embeddings.numpy()
+    expected = np.argmin(((z[..., None, :] - codebook) ** 2).sum(-1), axis=-1)  # (3, 7, 6)
+    indices = np.asarray(q.nearest_indices(z))
+    assert indices.shape == (3, 7, 6) and indices.dtype == np.int32
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_allclose(np.asarray(q(z)), codebook[expected], atol=1e-6)  # forward = nearest code
+    np.testing.assert_allclose(np.asarray(q.embed(indices)), codebook[expected])
+
+
+def test_straight_through_gradient_reaches_encoder_unchanged():
+    keras.utils.set_random_seed(0)
+    model = VQVAE(downsample=4, num_embeddings=8, embedding_dim=4, hidden_channels=8, num_res_blocks=1)
+    x = np.random.default_rng(0).random((2, 16, 16, 1)).astype("float32")
+    model.build(x.shape)
+    with tf.GradientTape(persistent=True) as tape:
+        z_e = model.encoder(x)
+        z_q = model.quantizer(z_e)
+        loss = tf.reduce_mean((model.decoder(z_q) - x) ** 2)
+    grad_encoder_output, grad_decoder_input = tape.gradient(loss, [z_e, z_q])
+    assert float(tf.reduce_max(tf.abs(grad_decoder_input))) > 0
+    np.testing.assert_allclose(grad_encoder_output.numpy(), grad_decoder_input.numpy(), rtol=1e-6, atol=1e-9)
+
+
+def test_codebook_and_commitment_losses_and_their_gradients():
+    beta = 0.3
+    q = quantizer(k=6, d=3, beta=beta)
+    z = tf.Variable(np.random.default_rng(2).normal(size=(10, 3)).astype("float32"))
+    with tf.GradientTape() as tape:
+        q(z)
+        (vq_loss,) = q.losses
+    nearest = q.embeddings.numpy()[np.asarray(q.nearest_indices(z))]
+    diff = z.numpy() - nearest
+    np.testing.assert_allclose(float(vq_loss), (1 + beta) * np.mean(diff**2), rtol=1e-5)
+    grad_z, grad_codebook = tape.gradient(vq_loss, [z, q.embeddings])
+    # commitment term only reaches the encoder output; codebook term only reaches the codes
+    np.testing.assert_allclose(grad_z.numpy(), beta * 2 * diff / diff.size, rtol=1e-4, atol=1e-7)
+    expected = np.zeros((6, 3), "float32")
+    np.add.at(expected, np.asarray(q.nearest_indices(z)), -2 * diff / diff.size)
+    np.testing.assert_allclose(tf.convert_to_tensor(grad_codebook).numpy(), expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("downsample", [4, 8])
+def test_shapes_for_each_downsampling_factor(downsample):
+    model = VQVAE(downsample=downsample, num_embeddings=8, embedding_dim=4, hidden_channels=8, num_res_blocks=1)
+    x = np.random.default_rng(0).random((2, 32, 32, 1)).astype("float32")
+    assert tuple(model(x).shape) == (2, 32, 32, 1)
+    codes = np.asarray(model.encode(x))
+    assert codes.shape == (2, 32 // downsample, 32 // downsample)
+    assert codes.min() >= 0 and codes.max() < 8
+    images = np.asarray(model.decode(codes))
+    assert images.shape == (2, 32, 32, 1) and images.min() >= 0 and images.max() <= 1
+
+
+def test_keras_file_round_trip_gives_identical_outputs(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = VQVAE(downsample=4, num_embeddings=8, embedding_dim=4, hidden_channels=8, num_res_blocks=1,
+                  commitment_cost=0.4)
+    x = np.random.default_rng(0).random((4, 16, 16, 1)).astype("float32")
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, x, epochs=1, verbose=0)  # trained weights, not the initial ones
+    model.save(tmp_path / "vqvae.keras")
+    loaded = keras.saving.load_model(tmp_path / "vqvae.keras")  # no custom_objects: classes are registered
+    assert isinstance(loaded, VQVAE) and loaded.get_config() == model.get_config()
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+    np.testing.assert_array_equal(np.asarray(loaded.encode(x)), np.asarray(model.encode(x)))
+
+
+@pytest.mark.parametrize("layer", [
+    VectorQuantizer(8, 4, commitment_cost=0.5, name="q"),
+    modules.Encoder(8, 16, 3, 5, name="enc"),
+    modules.Decoder(2, 16, 0, name="dec"),
+    modules.ResidualBlock(8, 2, name="res"),
+])
+def test_layer_config_round_trip(layer):
+    clone = layer.__class__.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+
+
+def test_invalid_arguments_are_rejected():
+    with pytest.raises(ValueError, match="num_embeddings"):
+        VectorQuantizer(0, 4)
+    with pytest.raises(ValueError, match="power of two"):
+        VQVAE(downsample=3)
+    with pytest.raises(ValueError, match="channels"):
+        VectorQuantizer(8, 4)(np.zeros((2, 5), "float32"))
+
+
+def test_codebook_usage_perplexity():
+    assert modules.codebook_usage(np.arange(8), 8) == pytest.approx({"perplexity": 8.0, "codes_used": 8})
+    assert modules.codebook_usage(np.zeros(50, int), 8) == pytest.approx({"perplexity": 1.0, "codes_used": 1})
+
+
+def test_restart_moves_only_unused_codes_onto_inputs():
+    q = quantizer(k=8, d=2)
+    codebook = np.array([[0, 0], [10, 10]] + [[100 + i, 100] for i in range(6)], "float32")
+    q.embeddings.assign(codebook)
+    z = np.array([[0.1, 0], [9, 10], [0, 0.2]], "float32")  # picks codes 0 and 1 only
+    assert q.restart_unused_codes(z, seed=0) == 6
+    new = q.embeddings.numpy()
+    np.testing.assert_array_equal(new[:2], codebook[:2])
+    for row in new[2:]:
+        assert any(np.allclose(row, v) for v in z)
