@@ -259,3 +259,277 @@ class VQVAE(keras.Model):
         return {**super().get_config(), "downsample": self.downsample, "num_embeddings": self.num_embeddings,
                 "embedding_dim": self.embedding_dim, "hidden_channels": self.hidden_channels,
                 "num_res_blocks": self.num_res_blocks, "commitment_cost": self.commitment_cost}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The prior: a gated PixelCNN over the code grid (van den Oord et al. 2016, "Conditional Image Generation with
+# PixelCNN Decoders"). It predicts p(x_ij | codes before (i, j) in raster order) as K logits per position.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pixelcnn_mask(kernel_size: tuple[int, int], mask_type: str):
+    """The (kh, kw) 0/1 mask of a causal convolution. With centre (ch, cw):
+    A: rows above the centre, and the centre row left of the centre (the first layer: x_ij must not see x_ij);
+    B: as A plus the centre itself (later layers);
+    V: rows above and the whole centre row (the vertical stack, whose output is shifted down one row)."""
+    import numpy as np
+
+    kh, kw = kernel_size
+    ch, cw = kh // 2, kw // 2
+    mask = np.zeros((kh, kw), "float32")
+    mask[:ch] = 1.0
+    if mask_type == "V":
+        mask[ch] = 1.0
+    elif mask_type in ("A", "B"):
+        mask[ch, :cw + (mask_type == "B")] = 1.0
+    else:
+        raise ValueError(f"mask_type must be 'A', 'B' or 'V', got {mask_type!r}")
+    return mask
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MaskedConv2D(layers.Layer):
+    """A 'same'-padded 2-D convolution whose kernel is multiplied by a causal mask (see pixelcnn_mask) in call,
+    so the masked weights stay zero in effect whatever the optimizer does to them."""
+
+    def __init__(self, filters: int, kernel_size, mask_type: str = "B", **kwargs):
+        super().__init__(**kwargs)
+        kernel_size = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        _check_positive(filters=filters, kernel_height=kernel_size[0], kernel_width=kernel_size[1])
+        if kernel_size[0] % 2 == 0 or kernel_size[1] % 2 == 0:
+            raise ValueError(f"kernel_size must be odd so the kernel has a centre, got {kernel_size}")
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.mask_type = mask_type
+        self.mask = pixelcnn_mask(kernel_size, mask_type)[:, :, None, None]  # (kh, kw, 1, 1)
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(name="kernel", shape=(*self.kernel_size, input_shape[-1], self.filters),
+                                      initializer="glorot_uniform")
+        self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
+
+    def masked_kernel(self):
+        return self.kernel * ops.convert_to_tensor(self.mask, self.kernel.dtype)
+
+    def call(self, inputs):
+        return ops.conv(inputs, self.masked_kernel(), padding="same") + self.bias
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.filters)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
+                "mask_type": self.mask_type}
+
+
+def _gate(x):
+    """Gated activation unit: tanh(first half of channels) * sigmoid(second half)."""
+    a, b = ops.split(x, 2, axis=-1)
+    return ops.tanh(a) * ops.sigmoid(b)
+
+
+def _shift_down(x):
+    """(N, H, W, C) -> the same with every row moved one down and zeros in row 0."""
+    return ops.pad(x, ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :-1]
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GatedPixelCNNBlock(layers.Layer):
+    """One layer of the gated PixelCNN: a vertical stack (rows above, no blind spot) and a horizontal stack
+    (the current row, left of the position), each through the gated unit; the vertical stack feeds the horizontal
+    one through a 1x1 convolution, shifted down one row so that row i only sees rows above it.
+
+    Inputs and outputs: (v, h) each (N, H, W, C); call also returns the skip output (N, H, W, C). The last
+    block (last=True) only feeds the skip sum, so it has no residual output and returns h = None.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3, first: bool = False, last: bool = False,
+                 num_conditions: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        _check_positive(channels=channels, kernel_size=kernel_size)
+        self.channels, self.kernel_size, self.num_conditions = channels, kernel_size, num_conditions
+        self.first, self.last = first, last
+        self.vertical = MaskedConv2D(2 * channels, (kernel_size, kernel_size), "V", name="vertical")
+        self.horizontal = MaskedConv2D(2 * channels, (1, kernel_size), "A" if first else "B", name="horizontal")
+        self.link = layers.Conv2D(2 * channels, 1, name="vertical_to_horizontal")
+        self.skip = layers.Conv2D(channels, 1, name="skip")
+        self.residual = None if last else layers.Conv2D(channels, 1, name="residual")
+        if num_conditions:  # the conditioning vector y enters both gates: tanh(W*x + V*y) * sigmoid(...)
+            self.condition_v = layers.Dense(2 * channels, name="condition_vertical")
+            self.condition_h = layers.Dense(2 * channels, name="condition_horizontal")
+
+    def build(self, input_shape):  # input_shape: that of v, (N, H, W, C)
+        shape = tuple(input_shape)
+        wide = (*shape[:-1], 2 * self.channels)
+        self.vertical.build(shape)
+        self.horizontal.build(shape)
+        self.link.build(wide)
+        self.skip.build(shape)
+        if self.residual is not None:
+            self.residual.build(shape)
+        if self.num_conditions:
+            self.condition_v.build((None, self.num_conditions))
+            self.condition_h.build((None, self.num_conditions))
+
+    def _conditioned(self, v_features, h_features, condition):
+        if self.num_conditions:
+            v_features = v_features + self.condition_v(condition)[:, None, None, :]
+            h_features = h_features + self.condition_h(condition)[:, None, None, :]
+        return v_features, h_features
+
+    def call(self, v, h, condition=None):
+        v_features = self.vertical(v)  # (N, H, W, 2C): rows <= i
+        h_features = self.horizontal(h) + _shift_down(self.link(v_features))  # rows < i, and row i left of j
+        v_features, h_features = self._conditioned(v_features, h_features, condition)
+        gated = _gate(h_features)
+        if self.last:
+            h_out = None
+        else:  # the first block adds no residual: its input h holds the current code, which it must not see
+            h_out = self.residual(gated) if self.first else h + self.residual(gated)
+        return _gate(v_features), h_out, self.skip(gated)
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels, "kernel_size": self.kernel_size,
+                "first": self.first, "last": self.last, "num_conditions": self.num_conditions}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PixelCNNPrior(keras.Model):
+    """Gated PixelCNN over a code grid: (N, H, W) int codes -> (N, H, W, K) logits of each code given the codes
+    before it in raster order. With num_conditions > 0 it takes (codes, condition (N, num_conditions)).
+
+    `sample` generates code grids with cached activations (Ramachandran et al. 2017, "Fast Generation for
+    Convolutional Autoregressive Models"): per row, one row of the vertical stack is computed from cached rows;
+    per position, the horizontal stack is computed at that position only, from cached left neighbours. The whole
+    loop is ops.fori_loop, so it compiles into one graph (tf.function / jax.jit).
+    """
+
+    def __init__(self, num_embeddings: int = 512, channels: int = 128, num_layers: int = 12, kernel_size: int = 3,
+                 num_conditions: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        _check_positive(num_embeddings=num_embeddings, channels=channels, num_layers=num_layers)
+        if kernel_size % 2 == 0 or kernel_size < 3:
+            raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
+        self.num_embeddings, self.channels, self.num_layers = num_embeddings, channels, num_layers
+        self.kernel_size, self.num_conditions = kernel_size, num_conditions
+        self.embedding = layers.Embedding(num_embeddings, channels, name="code_embedding")
+        self.blocks = [GatedPixelCNNBlock(channels, kernel_size, first=i == 0, last=i == num_layers - 1,
+                                          num_conditions=num_conditions, name=f"gated{i}")
+                       for i in range(num_layers)]
+        self.head_hidden = layers.Conv2D(channels, 1, name="head_hidden")
+        self.head_logits = layers.Conv2D(num_embeddings, 1, name="logits")
+
+    def build(self, input_shape):  # (N, H, W), or [(N, H, W), (N, num_conditions)] when conditioned
+        shape = tuple(input_shape[0] if self.num_conditions else input_shape)
+        self.embedding.build(shape)
+        features = (*shape, self.channels)
+        for block in self.blocks:
+            block.build(features)
+        self.head_hidden.build(features)
+        self.head_logits.build(features)
+
+    def _split_inputs(self, inputs):
+        if self.num_conditions:
+            codes, condition = inputs
+            return codes, ops.convert_to_tensor(condition, "float32")
+        return inputs, None
+
+    def call(self, inputs):
+        codes, condition = self._split_inputs(inputs)
+        v = h = self.embedding(ops.cast(codes, "int32"))  # (N, H, W, C)
+        skips = 0.0
+        for block in self.blocks:
+            v, h, skip = block(v, h, condition)
+            skips = skips + skip
+        return self._head(skips)  # (N, H, W, K)
+
+    def _head(self, skips):
+        return self.head_logits(ops.relu(self.head_hidden(ops.relu(skips))))
+
+    def receptive_rows(self) -> int:
+        """How many rows above a position can influence its logits."""
+        return self.num_layers * (self.kernel_size // 2) + 1
+
+    def sample(self, shape, draw, condition=None):
+        """Generates (N, H, W) code grids for shape = (N, H, W).
+
+        draw(logits (N, K), position (int scalar tensor, i * W + j)) -> (N,) int codes: the caller's sampling
+        rule (a categorical draw with temperature and seed, or argmax). Everything else is keras.ops.
+        """
+        n, height, width = shape
+        c = self.kernel_size // 2
+        channels = self.channels
+        if self.num_conditions:
+            condition = ops.convert_to_tensor(condition, "float32")
+        # Caches, zero where the full forward pass zero-pads:
+        #   vertical[l]: input of block l's vertical conv, rows padded by c on top, columns by c on both sides;
+        #   horizontal[l]: input of block l's horizontal conv for the current row, columns padded by c on the left;
+        #   links[l]: block l's vertical -> horizontal input for the current row, i.e. computed from the row above.
+        vertical = [ops.zeros((n, height + c, width + 2 * c, channels)) for _ in self.blocks]
+        codes = ops.zeros((n, height, width), "int32")
+
+        def row_step(i, state):
+            codes, vertical = state
+            # The row above is final: push it through the vertical stack, one row per block.
+            above = ops.maximum(i - 1, 0)
+            row_codes = ops.slice(codes, (0, above, 0), (n, 1, width))
+            v_row = self.embedding(row_codes)  # (N, 1, W, C)
+            vertical = list(vertical)
+            links = []
+            for l, block in enumerate(self.blocks):
+                vertical[l] = ops.slice_update(vertical[l], (0, above + c, c, 0), v_row)
+                window = ops.slice(vertical[l], (0, above, 0, 0), (n, c + 1, width + 2 * c, channels))
+                kernel = block.vertical.masked_kernel()[: c + 1]  # rows above + centre row: (c+1, k, C, 2C)
+                v_features = ops.conv(window, kernel, padding="valid") + block.vertical.bias  # (N, 1, W, 2C)
+                link = block.link(v_features)
+                if block.num_conditions:
+                    v_features = v_features + block.condition_v(condition)[:, None, None, :]
+                links.append(ops.where(i > 0, link, ops.zeros_like(link))[:, 0])  # row 0 has nothing above
+                v_row = _gate(v_features)
+            codes = self._sample_row(i, (n, width), codes, links, draw, condition)
+            return codes, tuple(vertical)
+
+        codes, _ = ops.fori_loop(0, height, row_step, (codes, tuple(vertical)))
+        return codes
+
+    def _sample_row(self, i, size, codes, links, draw, condition):
+        """Samples row i left to right; links[l] (N, W, 2C) carries the rows above into block l."""
+        n, width = size
+        c = self.kernel_size // 2
+        horizontal = tuple(ops.zeros((n, width + c, self.channels)) for _ in self.blocks)
+
+        def column_step(j, state):
+            codes, horizontal = state
+            horizontal = list(horizontal)
+            skips = 0.0
+            for l, block in enumerate(self.blocks):
+                window = ops.slice(horizontal[l], (0, j, 0), (n, c + 1, self.channels))  # columns j-c .. j
+                kernel = block.horizontal.masked_kernel()[0]  # (k, C, 2C); only its first c+1 columns are live
+                h_features = (ops.einsum("nkc,kcd->nd", window, kernel[: c + 1]) + block.horizontal.bias
+                              + ops.squeeze(ops.slice(links[l], (0, j, 0), (n, 1, 2 * self.channels)), 1))
+                if block.num_conditions:
+                    h_features = h_features + block.condition_h(condition)
+                gated = _gate(h_features)  # (N, 2C) -> (N, C)
+                skips = skips + _dense(block.skip, gated)
+                if not block.last:
+                    residual = _dense(block.residual, gated)
+                    h = residual if block.first else window[:, c] + residual
+                    horizontal[l + 1] = ops.slice_update(horizontal[l + 1], (0, j + c, 0), h[:, None])
+            logits = _dense(self.head_logits, ops.relu(_dense(self.head_hidden, ops.relu(skips))))  # (N, K)
+            new = ops.cast(draw(logits, i * width + j), "int32")  # (N,)
+            codes = ops.slice_update(codes, (0, i, j), new[:, None, None])
+            horizontal[0] = ops.slice_update(horizontal[0], (0, j + c, 0), self.embedding(new)[:, None])
+            return codes, tuple(horizontal)
+
+        codes, _ = ops.fori_loop(0, width, column_step, (codes, horizontal))
+        return codes
+
+    def get_config(self):
+        return {**super().get_config(), "num_embeddings": self.num_embeddings, "channels": self.channels,
+                "num_layers": self.num_layers, "kernel_size": self.kernel_size,
+                "num_conditions": self.num_conditions}
+
+
+def _dense(conv1x1, x):
+    """A built 1x1 Conv2D applied to (N, C) vectors: the same weights as on a feature map."""
+    return ops.matmul(x, conv1x1.kernel[0, 0]) + conv1x1.bias

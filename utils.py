@@ -44,6 +44,13 @@ class Config:
     epochs: int = 30
     learning_rate: float = 2e-4  # Adam, as in the paper
     seed: int = 42  # the one seed: data order, initial weights, sampling
+    # PixelCNN prior (van den Oord et al. 2016), trained on the VQ-VAE's codes of the training split
+    prior_channels: int = 128  # width of the gated stacks
+    prior_layers: int = 15  # gated blocks; each adds kernel_size // 2 rows of context above a position
+    prior_kernel_size: int = 5  # 5 doubles the reach of 3 per layer: brain outlines span the whole grid
+    prior_batch_size: int = 32
+    prior_epochs: int = 50
+    prior_learning_rate: float = 3e-4
     # run folder
     runs_dir: str = "runs"
     name: str = ""  # run name; empty means a timestamp
@@ -59,7 +66,7 @@ class Config:
     def validate(self) -> None:
         """Raises UserError for settings that cannot train; called before any folder is created."""
         for field in ("image_size", "downsample", "num_embeddings", "embedding_dim", "hidden_channels",
-                      "batch_size", "epochs"):
+                      "batch_size", "epochs", "prior_channels", "prior_layers", "prior_batch_size", "prior_epochs"):
             if getattr(self, field) <= 0:
                 raise UserError(f"--{field.replace('_', '-')} must be a positive integer, got {getattr(self, field)}")
         if self.num_res_blocks < 0:
@@ -72,8 +79,11 @@ class Config:
         if self.image_size // self.downsample < 2:
             raise UserError(f"--image-size {self.image_size} / --downsample {self.downsample} leaves a code grid "
                             "smaller than 2x2; use a larger image or a smaller factor")
-        if not self.learning_rate > 0:
-            raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
+        for field in ("learning_rate", "prior_learning_rate"):
+            if not getattr(self, field) > 0:
+                raise UserError(f"--{field.replace('_', '-')} must be positive, got {getattr(self, field)}")
+        if self.prior_kernel_size < 3 or self.prior_kernel_size % 2 == 0:
+            raise UserError(f"--prior-kernel-size must be odd and at least 3, got {self.prior_kernel_size}")
         if not self.commitment_cost >= 0:
             raise UserError(f"--commitment-cost must be 0 or more, got {self.commitment_cost}")
 
@@ -83,19 +93,33 @@ class Config:
                     embedding_dim=self.embedding_dim, hidden_channels=self.hidden_channels,
                     num_res_blocks=self.num_res_blocks, commitment_cost=self.commitment_cost)
 
+    def prior_kwargs(self) -> dict:
+        """The arguments of modules.PixelCNNPrior, taken from this config."""
+        return dict(num_embeddings=self.num_embeddings, channels=self.prior_channels, num_layers=self.prior_layers,
+                    kernel_size=self.prior_kernel_size)
 
-# The CPU demo: 64 px slices of the built-in demo set, a small model, ~5 minutes on 2 cores.
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.downsample
+
+
+# The CPU demo: 128 px slices of the built-in demo set and small models, both stages in minutes on 2 cores.
 DEMO_PRESET = dict(
     data_dir="data/demo",
-    image_size=64,  # 4x smaller than OASIS on each side: 16x fewer pixels, trains on a laptop CPU
-    downsample=4,  # 16x16 codes
-    num_embeddings=128,
-    embedding_dim=16,
-    hidden_channels=48,
+    image_size=128,  # half the OASIS size on each side: 4x fewer pixels, trains on a laptop CPU
+    downsample=4,  # 32x32 codes, as at OASIS scale each code covers a 4x4 patch
+    num_embeddings=256,
+    embedding_dim=32,
+    hidden_channels=64,
     num_res_blocks=2,
     batch_size=32,
-    epochs=20,
+    epochs=25,
     learning_rate=1e-3,  # small model, few steps: a larger step size converges within the CPU budget
+    prior_channels=48,
+    prior_layers=10,
+    prior_kernel_size=3,
+    prior_epochs=8,
+    prior_learning_rate=1e-3,
 )
 
 
@@ -106,12 +130,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                             default=None, help=f"(default {field.default!r}; --demo changes some)")
 
 
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The Config fields given as flags."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name, None) is not None}
+
+
 def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
     """Config = base (or the OASIS defaults, or the demo preset with --demo) + any flags given."""
     config = base or (Config(**DEMO_PRESET) if getattr(args, "demo", False) else Config())
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
-                 if getattr(args, f.name, None) is not None}
-    return dataclasses.replace(config, **overrides)
+    return dataclasses.replace(config, **config_overrides(args))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,6 +170,21 @@ def load_run_config(run_dir: str | Path) -> Config:
         return Config.from_dict(json.loads(path.read_text()))
     except json.JSONDecodeError as error:
         raise UserError(f"{path} is not valid JSON ({error}); restore it or train a new run") from None
+
+
+def load_model(path: Path):
+    """A .keras file of this project, with a clear error if it is missing or unreadable."""
+    import keras
+
+    import modules  # noqa: F401  registers the custom classes for load_model
+
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; train that stage first (python train.py, see --help)")
+    try:
+        return keras.saving.load_model(path)
+    except Exception as error:  # a truncated or foreign file
+        raise UserError(f"cannot load {path} ({type(error).__name__}); the file is damaged or from another "
+                        "tool, retrain that stage") from None
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -240,6 +282,25 @@ def reconstruct(model, images: np.ndarray, batch_size: int = 64) -> tuple[np.nda
     return np.concatenate(recons), np.concatenate(codes)
 
 
+def nearest_ssim(queries: np.ndarray, pool: np.ndarray, shortlist: int = 32) -> np.ndarray:
+    """For each query image, the highest SSIM against any image of `pool` (both (N, H, W, 1) in [0, 1]).
+
+    Exact SSIM against every pool image costs too much on a CPU (16 x 9,664 full-size SSIMs on OASIS), so the
+    `shortlist` pool images nearest in L2 on 32x32 thumbnails are scored with tf.image.ssim and the best is kept.
+    """
+    import tensorflow as tf
+
+    def thumbs(images):
+        return tf.reshape(tf.image.resize(images, (32, 32), method="area"), (len(images), -1)).numpy()
+
+    q, p = thumbs(queries), thumbs(pool)
+    distances = (q**2).sum(1)[:, None] - 2 * q @ p.T + (p**2).sum(1)[None, :]  # (Q, P)
+    k = min(shortlist, len(pool))
+    candidates = np.argpartition(distances, k - 1, axis=1)[:, :k]  # (Q, k)
+    scores = ssim(np.repeat(queries, k, axis=0), pool[candidates.reshape(-1)])
+    return scores.reshape(len(queries), k).max(axis=1)
+
+
 def summarize(values: np.ndarray) -> dict:
     return dict(mean=float(np.mean(values)), median=float(np.median(values)), min=float(np.min(values)))
 
@@ -247,6 +308,14 @@ def summarize(values: np.ndarray) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # Plots (matplotlib, Agg backend: no screen needed)
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def save_png(path: Path, image: np.ndarray) -> None:
+    """One (H, W, 1) image in [0, 1] as an 8-bit grayscale PNG, like the OASIS slices."""
+    from PIL import Image
+
+    pixels = (np.clip(image[..., 0], 0, 1) * 255).round().astype(np.uint8)
+    atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
 
 
 def _pyplot():
