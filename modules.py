@@ -339,6 +339,10 @@ class GatedPixelCNNBlock(layers.Layer):
     (the current row, left of the position), each through the gated unit; the vertical stack feeds the horizontal
     one through a 1x1 convolution, shifted down one row so that row i only sees rows above it.
 
+    Besides the codes, each gate receives the position map (location-dependent conditioning, section 2.3 of the
+    paper: brains sit at the centre of the frame, which a convolution cannot know on its own) and, when
+    num_conditions > 0, a conditioning vector y: tanh(W_f * x + V_f * position + U_f y) * sigmoid(... g ...).
+
     Inputs and outputs: (v, h) each (N, H, W, C); call also returns the skip output (N, H, W, C). The last
     block (last=True) only feeds the skip sum, so it has no residual output and returns h = None.
     """
@@ -354,39 +358,43 @@ class GatedPixelCNNBlock(layers.Layer):
         self.link = layers.Conv2D(2 * channels, 1, name="vertical_to_horizontal")
         self.skip = layers.Conv2D(channels, 1, name="skip")
         self.residual = None if last else layers.Conv2D(channels, 1, name="residual")
-        if num_conditions:  # the conditioning vector y enters both gates: tanh(W*x + V*y) * sigmoid(...)
-            self.condition_v = layers.Dense(2 * channels, name="condition_vertical")
-            self.condition_h = layers.Dense(2 * channels, name="condition_horizontal")
+        self.position_v = layers.Dense(2 * channels, use_bias=False, name="position_vertical")
+        self.position_h = layers.Dense(2 * channels, use_bias=False, name="position_horizontal")
+        if num_conditions:
+            self.condition_v = layers.Dense(2 * channels, use_bias=False, name="condition_vertical")
+            self.condition_h = layers.Dense(2 * channels, use_bias=False, name="condition_horizontal")
 
     def build(self, input_shape):  # input_shape: that of v, (N, H, W, C)
         shape = tuple(input_shape)
-        wide = (*shape[:-1], 2 * self.channels)
-        self.vertical.build(shape)
-        self.horizontal.build(shape)
-        self.link.build(wide)
-        self.skip.build(shape)
+        _build_chain([self.vertical, self.link], shape)
+        for layer in [self.horizontal, self.position_v, self.position_h, self.skip]:
+            layer.build(shape)
         if self.residual is not None:
             self.residual.build(shape)
         if self.num_conditions:
             self.condition_v.build((None, self.num_conditions))
             self.condition_h.build((None, self.num_conditions))
 
-    def _conditioned(self, v_features, h_features, condition):
+    def gate_terms(self, position, condition, rank: int):
+        """What the position map (..., C) and the condition (N, num_conditions) add to the vertical and the
+        horizontal gates, broadcastable against features of `rank` dimensions (4 for maps, 2 for one position)."""
+        v, h = self.position_v(position), self.position_h(position)
         if self.num_conditions:
-            v_features = v_features + self.condition_v(condition)[:, None, None, :]
-            h_features = h_features + self.condition_h(condition)[:, None, None, :]
-        return v_features, h_features
+            expand = (slice(None), *([None] * (rank - 2)), slice(None))  # (N, 2C) -> (N, 1, 1, 2C) for maps
+            v = v + self.condition_v(condition)[expand]
+            h = h + self.condition_h(condition)[expand]
+        return v, h
 
-    def call(self, v, h, condition=None):
+    def call(self, v, h, position, condition=None):
+        position_v, position_h = self.gate_terms(position, condition, rank=4)
         v_features = self.vertical(v)  # (N, H, W, 2C): rows <= i
         h_features = self.horizontal(h) + _shift_down(self.link(v_features))  # rows < i, and row i left of j
-        v_features, h_features = self._conditioned(v_features, h_features, condition)
-        gated = _gate(h_features)
+        gated = _gate(h_features + position_h)
         if self.last:
             h_out = None
         else:  # the first block adds no residual: its input h holds the current code, which it must not see
             h_out = self.residual(gated) if self.first else h + self.residual(gated)
-        return _gate(v_features), h_out, self.skip(gated)
+        return _gate(v_features + position_v), h_out, self.skip(gated)
 
     def get_config(self):
         return {**super().get_config(), "channels": self.channels, "kernel_size": self.kernel_size,
@@ -402,15 +410,20 @@ class PixelCNNPrior(keras.Model):
     Convolutional Autoregressive Models"): per row, one row of the vertical stack is computed from cached rows;
     per position, the horizontal stack is computed at that position only, from cached left neighbours. The whole
     loop is ops.fori_loop, so it compiles into one graph (tf.function / jax.jit).
+
+    Example: PixelCNNPrior(num_embeddings=256, grid_shape=(32, 32)) maps codes (8, 32, 32) to logits
+    (8, 32, 32, 256); its position map is a learned (32, 32, channels) weight.
     """
 
-    def __init__(self, num_embeddings: int = 512, channels: int = 128, num_layers: int = 12, kernel_size: int = 3,
-                 num_conditions: int = 0, **kwargs):
+    def __init__(self, num_embeddings: int = 512, grid_shape=(64, 64), channels: int = 128, num_layers: int = 12,
+                 kernel_size: int = 3, num_conditions: int = 0, **kwargs):
         super().__init__(**kwargs)
-        _check_positive(num_embeddings=num_embeddings, channels=channels, num_layers=num_layers)
+        _check_positive(num_embeddings=num_embeddings, channels=channels, num_layers=num_layers,
+                        grid_height=grid_shape[0], grid_width=grid_shape[1])
         if kernel_size % 2 == 0 or kernel_size < 3:
             raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
-        self.num_embeddings, self.channels, self.num_layers = num_embeddings, channels, num_layers
+        self.num_embeddings, self.grid_shape = num_embeddings, tuple(grid_shape)
+        self.channels, self.num_layers = channels, num_layers
         self.kernel_size, self.num_conditions = kernel_size, num_conditions
         self.embedding = layers.Embedding(num_embeddings, channels, name="code_embedding")
         self.blocks = [GatedPixelCNNBlock(channels, kernel_size, first=i == 0, last=i == num_layers - 1,
@@ -422,6 +435,8 @@ class PixelCNNPrior(keras.Model):
     def build(self, input_shape):  # (N, H, W), or [(N, H, W), (N, num_conditions)] when conditioned
         shape = tuple(input_shape[0] if self.num_conditions else input_shape)
         self.embedding.build(shape)
+        self.position = self.add_weight(name="position_map", shape=(*self.grid_shape, self.channels),
+                                        initializer=keras.initializers.RandomNormal(stddev=1.0))
         features = (*shape, self.channels)
         for block in self.blocks:
             block.build(features)
@@ -436,80 +451,74 @@ class PixelCNNPrior(keras.Model):
 
     def call(self, inputs):
         codes, condition = self._split_inputs(inputs)
+        if tuple(codes.shape[1:]) != self.grid_shape:
+            raise ValueError(f"this prior models {self.grid_shape} code grids, got {tuple(codes.shape[1:])}")
         v = h = self.embedding(ops.cast(codes, "int32"))  # (N, H, W, C)
         skips = 0.0
         for block in self.blocks:
-            v, h, skip = block(v, h, condition)
+            v, h, skip = block(v, h, self.position, condition)
             skips = skips + skip
-        return self._head(skips)  # (N, H, W, K)
-
-    def _head(self, skips):
-        return self.head_logits(ops.relu(self.head_hidden(ops.relu(skips))))
+        return self.head_logits(ops.relu(self.head_hidden(ops.relu(skips))))  # (N, H, W, K)
 
     def receptive_rows(self) -> int:
         """How many rows above a position can influence its logits."""
         return self.num_layers * (self.kernel_size // 2) + 1
 
-    def sample(self, shape, draw, condition=None):
-        """Generates (N, H, W) code grids for shape = (N, H, W).
+    def sample(self, num_samples: int, draw, condition=None):
+        """Generates (num_samples, H, W) code grids.
 
         draw(logits (N, K), position (int scalar tensor, i * W + j)) -> (N,) int codes: the caller's sampling
         rule (a categorical draw with temperature and seed, or argmax). Everything else is keras.ops.
         """
-        n, height, width = shape
+        n, (height, width) = num_samples, self.grid_shape
         c = self.kernel_size // 2
-        channels = self.channels
         if self.num_conditions:
             condition = ops.convert_to_tensor(condition, "float32")
-        # Caches, zero where the full forward pass zero-pads:
-        #   vertical[l]: input of block l's vertical conv, rows padded by c on top, columns by c on both sides;
-        #   horizontal[l]: input of block l's horizontal conv for the current row, columns padded by c on the left;
-        #   links[l]: block l's vertical -> horizontal input for the current row, i.e. computed from the row above.
-        vertical = [ops.zeros((n, height + c, width + 2 * c, channels)) for _ in self.blocks]
+        # Caches, zero where the full forward pass zero-pads: vertical[l] is the input of block l's vertical
+        # convolution, rows padded by c on top and columns by c on both sides.
+        vertical = tuple(ops.zeros((n, height + c, width + 2 * c, self.channels)) for _ in self.blocks)
         codes = ops.zeros((n, height, width), "int32")
 
         def row_step(i, state):
             codes, vertical = state
             # The row above is final: push it through the vertical stack, one row per block.
             above = ops.maximum(i - 1, 0)
-            row_codes = ops.slice(codes, (0, above, 0), (n, 1, width))
-            v_row = self.embedding(row_codes)  # (N, 1, W, C)
+            v_row = self.embedding(ops.slice(codes, (0, above, 0), (n, 1, width)))  # (N, 1, W, C)
+            position_row = ops.slice(self.position, (above, 0, 0), (1, width, self.channels))  # (1, W, C)
             vertical = list(vertical)
             links = []
             for l, block in enumerate(self.blocks):
                 vertical[l] = ops.slice_update(vertical[l], (0, above + c, c, 0), v_row)
-                window = ops.slice(vertical[l], (0, above, 0, 0), (n, c + 1, width + 2 * c, channels))
+                window = ops.slice(vertical[l], (0, above, 0, 0), (n, c + 1, width + 2 * c, self.channels))
                 kernel = block.vertical.masked_kernel()[: c + 1]  # rows above + centre row: (c+1, k, C, 2C)
                 v_features = ops.conv(window, kernel, padding="valid") + block.vertical.bias  # (N, 1, W, 2C)
-                link = block.link(v_features)
-                if block.num_conditions:
-                    v_features = v_features + block.condition_v(condition)[:, None, None, :]
-                links.append(ops.where(i > 0, link, ops.zeros_like(link))[:, 0])  # row 0 has nothing above
-                v_row = _gate(v_features)
-            codes = self._sample_row(i, (n, width), codes, links, draw, condition)
+                link = block.link(v_features)[:, 0]  # (N, W, 2C)
+                links.append(ops.where(i > 0, link, ops.zeros_like(link)))  # row 0 has nothing above
+                v_row = _gate(v_features + block.gate_terms(position_row, condition, rank=4)[0])
+            codes = self._sample_row(i, codes, links, draw, condition)
             return codes, tuple(vertical)
 
-        codes, _ = ops.fori_loop(0, height, row_step, (codes, tuple(vertical)))
+        codes, _ = ops.fori_loop(0, height, row_step, (codes, vertical))
         return codes
 
-    def _sample_row(self, i, size, codes, links, draw, condition):
+    def _sample_row(self, i, codes, links, draw, condition):
         """Samples row i left to right; links[l] (N, W, 2C) carries the rows above into block l."""
-        n, width = size
+        n, width = ops.shape(codes)[0], self.grid_shape[1]
         c = self.kernel_size // 2
+        # horizontal[l]: the input of block l's horizontal convolution along row i, padded by c on the left.
         horizontal = tuple(ops.zeros((n, width + c, self.channels)) for _ in self.blocks)
 
         def column_step(j, state):
             codes, horizontal = state
             horizontal = list(horizontal)
+            position = ops.reshape(ops.slice(self.position, (i, j, 0), (1, 1, self.channels)), (1, -1))  # (1, C)
             skips = 0.0
             for l, block in enumerate(self.blocks):
                 window = ops.slice(horizontal[l], (0, j, 0), (n, c + 1, self.channels))  # columns j-c .. j
-                kernel = block.horizontal.masked_kernel()[0]  # (k, C, 2C); only its first c+1 columns are live
-                h_features = (ops.einsum("nkc,kcd->nd", window, kernel[: c + 1]) + block.horizontal.bias
+                kernel = block.horizontal.masked_kernel()[0, : c + 1]  # (c+1, C, 2C): right of j is masked
+                h_features = (ops.einsum("nkc,kcd->nd", window, kernel) + block.horizontal.bias
                               + ops.squeeze(ops.slice(links[l], (0, j, 0), (n, 1, 2 * self.channels)), 1))
-                if block.num_conditions:
-                    h_features = h_features + block.condition_h(condition)
-                gated = _gate(h_features)  # (N, 2C) -> (N, C)
+                gated = _gate(h_features + block.gate_terms(position, condition, rank=2)[1])  # (N, C)
                 skips = skips + _dense(block.skip, gated)
                 if not block.last:
                     residual = _dense(block.residual, gated)
@@ -525,8 +534,8 @@ class PixelCNNPrior(keras.Model):
         return codes
 
     def get_config(self):
-        return {**super().get_config(), "num_embeddings": self.num_embeddings, "channels": self.channels,
-                "num_layers": self.num_layers, "kernel_size": self.kernel_size,
+        return {**super().get_config(), "num_embeddings": self.num_embeddings, "grid_shape": self.grid_shape,
+                "channels": self.channels, "num_layers": self.num_layers, "kernel_size": self.kernel_size,
                 "num_conditions": self.num_conditions}
 
 

@@ -89,8 +89,8 @@ def evaluate_reconstruction(run_dir: Path, config: utils.Config, vqvae, images: 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def make_sampler(prior, num_samples: int, grid: int, temperature: float, seed: int):
-    """A compiled function () -> (num_samples, grid, grid) int32 codes. The whole autoregressive loop is one
+def make_sampler(prior, num_samples: int, temperature: float, seed: int):
+    """A compiled function () -> (num_samples, H, W) int32 codes of the prior's grid. The whole autoregressive loop is one
     tf.function graph; each position draws from tfp Categorical(logits / temperature) with a stateless seed
     derived from (seed, position), so the same seed gives the same samples."""
     if temperature < 0:
@@ -103,7 +103,7 @@ def make_sampler(prior, num_samples: int, grid: int, temperature: float, seed: i
         position_seed = tf.random.experimental.stateless_fold_in(base_seed, tf.cast(position, tf.int32))
         return tfp.distributions.Categorical(logits=logits / temperature).sample(seed=position_seed)
 
-    return tf.function(lambda: prior.sample((num_samples, grid, grid), draw))
+    return tf.function(lambda: prior.sample(num_samples, draw))
 
 
 def bits_per_code(prior, codes: np.ndarray, batch_size: int = 64) -> float:
@@ -122,7 +122,7 @@ def generate(run_dir: Path, config: utils.Config, vqvae, test_images: np.ndarray
     if prior.num_embeddings != vqvae.num_embeddings:
         raise UserError(f"{run_dir / 'prior.keras'} predicts {prior.num_embeddings} codes but the VQ-VAE has "
                         f"{vqvae.num_embeddings}; retrain the prior with `python train.py --stage prior --run {run_dir}`")
-    sampler = make_sampler(prior, num_samples, config.grid_size, temperature, seed)
+    sampler = make_sampler(prior, num_samples, temperature, seed)
     start = time.time()
     codes = sampler().numpy()
     seconds = time.time() - start

@@ -95,8 +95,8 @@ class Config:
 
     def prior_kwargs(self) -> dict:
         """The arguments of modules.PixelCNNPrior, taken from this config."""
-        return dict(num_embeddings=self.num_embeddings, channels=self.prior_channels, num_layers=self.prior_layers,
-                    kernel_size=self.prior_kernel_size)
+        return dict(num_embeddings=self.num_embeddings, grid_shape=(self.grid_size, self.grid_size),
+                    channels=self.prior_channels, num_layers=self.prior_layers, kernel_size=self.prior_kernel_size)
 
     @property
     def grid_size(self) -> int:

@@ -4,8 +4,10 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 import dataset
 import predict
@@ -13,7 +15,8 @@ import train
 import utils
 
 TINY = ["--image-size", "32", "--hidden-channels", "8", "--num-res-blocks", "1", "--num-embeddings", "16",
-        "--embedding-dim", "4", "--batch-size", "16"]
+        "--embedding-dim", "4", "--batch-size", "16", "--prior-channels", "8", "--prior-layers", "2",
+        "--prior-kernel-size", "3", "--prior-epochs", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,8 @@ def tiny_run(demo_dir, tmp_path_factory):
 
 def test_train_writes_a_complete_run_folder(tiny_run):
     for name in ["config.json", "vqvae.keras", "history.csv", "ssim.png", "losses.png", "recon.png",
-                 "metrics.json"]:
+                 "metrics.json", "codes_train.npy", "codes_validate.npy", "prior.keras", "prior_history.csv",
+                 "prior_loss.png"]:
         assert (tiny_run / name).is_file(), name
     assert not list(tiny_run.glob(".*")), "temporary files left behind"
     config = utils.load_run_config(tiny_run)
@@ -36,9 +40,16 @@ def test_train_writes_a_complete_run_folder(tiny_run):
     for row in rows:
         assert 0 < float(row["val_ssim"]) <= 1 and 0 < float(row["train_ssim"]) <= 1
         assert 1 <= float(row["val_codes_used"]) <= 16
-    metrics = json.loads((tiny_run / "metrics.json").read_text())["vqvae"]
-    assert metrics["val_ssim"] == pytest.approx(float(rows[-1]["val_ssim"]), abs=1e-5)
-    assert set(metrics["val_ssim_floors"]) == {"all-black", "bilinear x4 down/up"}
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert metrics["vqvae"]["val_ssim"] == pytest.approx(float(rows[-1]["val_ssim"]), abs=1e-5)
+    assert set(metrics["vqvae"]["val_ssim_floors"]) == {"all-black", "bilinear x4 down/up"}
+    codes = np.load(tiny_run / "codes_train.npy")
+    assert codes.shape == (64, 8, 8) and 0 <= codes.min() and codes.max() < 16  # 2 subjects x 32 slices
+    prior_rows = list(csv.DictReader(open(tiny_run / "prior_history.csv")))
+    assert len(prior_rows) == 2
+    assert float(prior_rows[-1]["val_bits_per_code"]) == pytest.approx(metrics["prior"]["val_bits_per_code"],
+                                                                        rel=1e-4)
+    assert 0 < metrics["prior"]["val_bits_per_code"] < 2 * np.log2(16)
 
 
 def test_config_round_trips_through_json(tiny_run):
@@ -47,12 +58,15 @@ def test_config_round_trips_through_json(tiny_run):
     assert utils.load_run_config(tiny_run) == config
 
 
-def test_predict_rebuilds_from_the_run_folder_and_reports_baselines(tiny_run, capsys):
-    assert predict.main(["--run", str(tiny_run)]) == 0
+def test_predict_rebuilds_from_the_run_folder_reports_baselines_and_generates(tiny_run, capsys):
+    assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5"]) == 0
     out = capsys.readouterr().out
-    assert "vqvae" in out and "bilinear_x4" in out and "all_black" in out
-    for name in ["ssim_hist.png", "recon_test.png"]:
+    assert "vqvae" in out and "bilinear_x4" in out and "all_black" in out and "generated 3 brains" in out
+    for name in ["ssim_hist.png", "recon_test.png", "samples.png"]:
         assert (tiny_run / name).is_file()
+    samples = sorted((tiny_run / "samples").glob("*.png"))
+    assert len(samples) == 3
+    assert np.asarray(Image.open(samples[0])).shape == (32, 32)
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert "vqvae" in metrics  # the training section is kept
     rec = metrics["reconstruction"]
@@ -65,6 +79,18 @@ def test_predict_rebuilds_from_the_run_folder_and_reports_baselines(tiny_run, ca
     black = tf.image.ssim(tf.constant(images), tf.zeros_like(images), max_val=1.0).numpy()
     assert rec["all_black"]["ssim"]["mean"] == pytest.approx(float(black.mean()), abs=1e-5)
     assert rec["all_black"]["ssim_brain_crop"]["mean"] < rec["all_black"]["ssim"]["mean"]
+    gen = metrics["samples"]
+    assert gen["num_samples"] == 3 and gen["seed"] == 5 and gen["temperature"] == 1.0
+    for key in ["samples_nearest_test_ssim", "samples_nearest_train_ssim", "real_val_nearest_test_ssim",
+                "real_val_nearest_train_ssim"]:
+        assert -1 <= gen[key]["min"] <= gen[key]["mean"] <= 1
+    assert 0 < gen["prior_test_bits_per_code"] < 2 * np.log2(16)
+
+
+def test_same_seed_same_samples(tiny_run):
+    first = [p.read_bytes() for p in sorted((tiny_run / "samples").glob("*.png"))]
+    assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5"]) == 0
+    assert [p.read_bytes() for p in sorted((tiny_run / "samples").glob("*.png"))] == first
 
 
 def test_predict_uses_newest_run_by_default(tiny_run, monkeypatch, capsys):
@@ -95,3 +121,44 @@ def test_existing_run_name_is_refused_and_left_untouched(tiny_run, demo_dir, cap
     assert train.main(args) == 2
     assert "already exists" in capsys.readouterr().err
     assert (tiny_run / "vqvae.keras").read_bytes() == before
+
+
+def test_prior_stage_needs_a_run_with_a_vqvae_and_no_prior(tiny_run, tmp_path, capsys):
+    assert train.main(["--stage", "prior"]) == 2
+    assert "pass --run" in capsys.readouterr().err
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    utils.save_config(utils.load_run_config(tiny_run), empty)
+    assert train.main(["--stage", "prior", "--run", str(empty)]) == 2
+    assert "no trained VQ-VAE" in capsys.readouterr().err
+    before = (tiny_run / "prior.keras").read_bytes()
+    assert train.main(["--stage", "prior", "--run", str(tiny_run)]) == 2
+    assert "already has a trained prior" in capsys.readouterr().err
+    assert (tiny_run / "prior.keras").read_bytes() == before
+
+
+def test_prior_stage_trains_the_prior_of_an_existing_run(tiny_run, tmp_path, capsys):
+    run = tmp_path / "copy"
+    run.mkdir()
+    for name in ["config.json", "vqvae.keras", "codes_train.npy", "codes_validate.npy"]:
+        (run / name).write_bytes((tiny_run / name).read_bytes())
+    assert train.main(["--stage", "prior", "--run", str(run), "--image-size", "64"]) == 2
+    assert "belongs to the VQ-VAE" in capsys.readouterr().err
+    assert train.main(["--stage", "prior", "--run", str(run), "--prior-epochs", "1", "--prior-layers", "1"]) == 0
+    assert utils.load_run_config(run).prior_layers == 1
+    assert utils.load_model(run / "prior.keras").num_layers == 1
+
+
+def test_predict_refuses_a_prior_of_another_codebook_size(tiny_run, tmp_path, capsys):
+    import modules
+
+    run = tmp_path / "mismatch"
+    run.mkdir()
+    for name in ["config.json", "vqvae.keras"]:
+        (run / name).write_bytes((tiny_run / name).read_bytes())
+    prior = modules.PixelCNNPrior(num_embeddings=32, grid_shape=(8, 8), channels=4, num_layers=1)
+    prior.build((None, 8, 8))
+    prior.save(run / "prior.keras")
+    assert predict.main(["--run", str(run), "--num-samples", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "predicts 32 codes but the VQ-VAE has 16" in err and err.count("\n") == 1
