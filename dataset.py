@@ -219,41 +219,37 @@ def _demo_subject(t1: np.ndarray, labels: np.ndarray, rng: np.random.Generator) 
 def make_demo(out_dir: str | Path, subjects: tuple[int, int, int] = (48, 6, 6), seed: int = 0,
               verbose: bool = True) -> Path:
     """Writes an OASIS-layout demo set: keras_png_slices_{split} and keras_png_slices_seg_{split} folders of
-    256x256 PNGs named case_XXX_slice_N.nii.png. Each subject lies wholly in one split. Same seed, same bytes."""
+    256x256 PNGs named case_XXX_slice_N.nii.png. Each subject lies wholly in one split. Same seed, same bytes.
+    The set is built in a hidden folder beside out_dir and renamed at the end: an interrupted build leaves no
+    half-written out_dir."""
+    import shutil
+
     from PIL import Image
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"{out_dir} already exists and is not empty; remove it or pick another folder")
+    partial = out_dir.parent / f".{out_dir.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
     t1, labels = _template()
     case = 0
     for split, count in zip(SPLITS, subjects):
-        image_dir = out_dir / f"keras_png_slices_{split}"
-        seg_dir = out_dir / f"keras_png_slices_seg_{split}"
-        image_dir.mkdir(parents=True, exist_ok=True)
-        seg_dir.mkdir(parents=True, exist_ok=True)
+        image_dir = partial / f"keras_png_slices_{split}"
+        seg_dir = partial / f"keras_png_slices_seg_{split}"
+        image_dir.mkdir(parents=True)
+        seg_dir.mkdir(parents=True)
         for _ in range(count):
             case += 1
             images, segs = _demo_subject(t1, labels, np.random.default_rng([seed, case]))
             for i, (image, seg) in enumerate(zip(images, segs)):
                 Image.fromarray(image).save(image_dir / f"case_{case:03d}_slice_{i}.nii.png")
                 Image.fromarray(seg).save(seg_dir / f"seg_{case:03d}_slice_{i}.nii.png")
-            if verbose:
+            if verbose and sys.stdout.isatty():  # a progress line in a terminal, not hundreds in a log file
                 print(f"\rdemo set: subject {case}/{sum(subjects)}", end="", flush=True)
+    partial.replace(out_dir)
     if verbose:
         print(f"\rdemo set: {sum(subjects)} subjects x {DEMO_SLICES} slices written to {out_dir}")
     return out_dir
-
-
-def demo_is_complete(out_dir: str | Path, subjects: tuple[int, int, int] = (48, 6, 6)) -> bool:
-    out_dir = Path(out_dir)
-    return all(len(list((out_dir / f"keras_png_slices_{split}").glob("*.png"))) == n * DEMO_SLICES
-               for split, n in zip(SPLITS, subjects))
-
-
-def ensure_demo(out_dir: str | Path) -> Path:
-    """Builds the demo set into out_dir unless a complete one is there already."""
-    if not demo_is_complete(out_dir):
-        make_demo(out_dir)
-    return Path(out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

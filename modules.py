@@ -344,7 +344,7 @@ class GatedPixelCNNBlock(layers.Layer):
     num_conditions > 0, a conditioning vector y: tanh(W_f * x + V_f * position + U_f y) * sigmoid(... g ...).
 
     Inputs and outputs: (v, h) each (N, H, W, C); call also returns the skip output (N, H, W, C). The last
-    block (last=True) only feeds the skip sum, so it has no residual output and returns h = None.
+    block (last=True) only feeds the skip sum, so it has no outputs for a next block and returns v = h = None.
     """
 
     def __init__(self, channels: int, kernel_size: int = 3, first: bool = False, last: bool = False,
@@ -358,43 +358,47 @@ class GatedPixelCNNBlock(layers.Layer):
         self.link = layers.Conv2D(2 * channels, 1, name="vertical_to_horizontal")
         self.skip = layers.Conv2D(channels, 1, name="skip")
         self.residual = None if last else layers.Conv2D(channels, 1, name="residual")
-        self.position_v = layers.Dense(2 * channels, use_bias=False, name="position_vertical")
         self.position_h = layers.Dense(2 * channels, use_bias=False, name="position_horizontal")
+        self.position_v = None if last else layers.Dense(2 * channels, use_bias=False, name="position_vertical")
         if num_conditions:
-            self.condition_v = layers.Dense(2 * channels, use_bias=False, name="condition_vertical")
             self.condition_h = layers.Dense(2 * channels, use_bias=False, name="condition_horizontal")
+            if not last:
+                self.condition_v = layers.Dense(2 * channels, use_bias=False, name="condition_vertical")
 
     def build(self, input_shape):  # input_shape: that of v, (N, H, W, C)
         shape = tuple(input_shape)
         _build_chain([self.vertical, self.link], shape)
-        for layer in [self.horizontal, self.position_v, self.position_h, self.skip]:
+        for layer in [self.horizontal, self.position_h, self.skip]:
             layer.build(shape)
-        if self.residual is not None:
+        if not self.last:
             self.residual.build(shape)
+            self.position_v.build(shape)
         if self.num_conditions:
-            self.condition_v.build((None, self.num_conditions))
             self.condition_h.build((None, self.num_conditions))
+            if not self.last:
+                self.condition_v.build((None, self.num_conditions))
 
-    def gate_terms(self, position, condition, rank: int):
-        """What the position map (..., C) and the condition (N, num_conditions) add to the vertical and the
-        horizontal gates, broadcastable against features of `rank` dimensions (4 for maps, 2 for one position)."""
-        v, h = self.position_v(position), self.position_h(position)
+    def gate_terms(self, position, condition, rank: int, stack: str):
+        """What the position map (..., C) and the condition (N, num_conditions) add to the gate of one stack
+        ("vertical" or "horizontal"), broadcastable against features of `rank` dims (4 for maps, 2 for one
+        position)."""
+        vertical = stack == "vertical"
+        terms = (self.position_v if vertical else self.position_h)(position)
         if self.num_conditions:
             expand = (slice(None), *([None] * (rank - 2)), slice(None))  # (N, 2C) -> (N, 1, 1, 2C) for maps
-            v = v + self.condition_v(condition)[expand]
-            h = h + self.condition_h(condition)[expand]
-        return v, h
+            terms = terms + (self.condition_v if vertical else self.condition_h)(condition)[expand]
+        return terms
 
     def call(self, v, h, position, condition=None):
-        position_v, position_h = self.gate_terms(position, condition, rank=4)
         v_features = self.vertical(v)  # (N, H, W, 2C): rows <= i
         h_features = self.horizontal(h) + _shift_down(self.link(v_features))  # rows < i, and row i left of j
-        gated = _gate(h_features + position_h)
+        gated = _gate(h_features + self.gate_terms(position, condition, 4, "horizontal"))
         if self.last:
-            h_out = None
-        else:  # the first block adds no residual: its input h holds the current code, which it must not see
-            h_out = self.residual(gated) if self.first else h + self.residual(gated)
-        return _gate(v_features + position_v), h_out, self.skip(gated)
+            return None, None, self.skip(gated)
+        # the first block adds no residual: its input h holds the current code, which it must not see
+        h_out = self.residual(gated) if self.first else h + self.residual(gated)
+        v_out = _gate(v_features + self.gate_terms(position, condition, 4, "vertical"))
+        return v_out, h_out, self.skip(gated)
 
     def get_config(self):
         return {**super().get_config(), "channels": self.channels, "kernel_size": self.kernel_size,
@@ -494,7 +498,8 @@ class PixelCNNPrior(keras.Model):
                 v_features = ops.conv(window, kernel, padding="valid") + block.vertical.bias  # (N, 1, W, 2C)
                 link = block.link(v_features)[:, 0]  # (N, W, 2C)
                 links.append(ops.where(i > 0, link, ops.zeros_like(link)))  # row 0 has nothing above
-                v_row = _gate(v_features + block.gate_terms(position_row, condition, rank=4)[0])
+                if not block.last:
+                    v_row = _gate(v_features + block.gate_terms(position_row, condition, 4, "vertical"))
             codes = self._sample_row(i, codes, links, draw, condition)
             return codes, tuple(vertical)
 
@@ -518,7 +523,7 @@ class PixelCNNPrior(keras.Model):
                 kernel = block.horizontal.masked_kernel()[0, : c + 1]  # (c+1, C, 2C): right of j is masked
                 h_features = (ops.einsum("nkc,kcd->nd", window, kernel) + block.horizontal.bias
                               + ops.squeeze(ops.slice(links[l], (0, j, 0), (n, 1, 2 * self.channels)), 1))
-                gated = _gate(h_features + block.gate_terms(position, condition, rank=2)[1])  # (N, C)
+                gated = _gate(h_features + block.gate_terms(position, condition, 2, "horizontal"))  # (N, C)
                 skips = skips + _dense(block.skip, gated)
                 if not block.last:
                     residual = _dense(block.residual, gated)

@@ -149,16 +149,17 @@ def generate(run_dir: Path, config: utils.Config, vqvae, test_images: np.ndarray
         "samples_nearest_train_ssim": utils.summarize(utils.nearest_ssim(samples, train_images)),
         "real_val_nearest_test_ssim": utils.summarize(utils.nearest_ssim(val_images, test_images)),
         "real_val_nearest_train_ssim": utils.summarize(utils.nearest_ssim(val_images, train_images)),
+        "samples_brain_fraction": utils.summarize(utils.brain_fraction(samples)),
+        "real_val_brain_fraction": utils.summarize(utils.brain_fraction(val_images)),
         "prior_test_bits_per_code": bits_per_code(prior, test_codes),
         "uniform_bits_per_code": float(np.log2(config.num_embeddings)),
     }
     ratio = section["samples_nearest_test_ssim"]["mean"] / section["real_val_nearest_test_ssim"]["mean"]
     section["nearest_test_ssim_ratio"] = ratio
-    print(f"{'mean nearest-real SSIM':>26}  {'vs test':>8}  {'vs train (copy check)':>22}")
-    print(f"{'generated samples':>26}  {section['samples_nearest_test_ssim']['mean']:>8.4f}  "
-          f"{section['samples_nearest_train_ssim']['mean']:>22.4f}")
-    print(f"{'real validation slices':>26}  {section['real_val_nearest_test_ssim']['mean']:>8.4f}  "
-          f"{section['real_val_nearest_train_ssim']['mean']:>22.4f}")
+    print(f"{'mean nearest-real SSIM':>26}  {'vs test':>8}  {'vs train (copy check)':>22}  {'brain area':>10}")
+    for label, key in [("generated samples", "samples"), ("real validation slices", "real_val")]:
+        print(f"{label:>26}  {section[key + '_nearest_test_ssim']['mean']:>8.4f}  "
+              f"{section[key + '_nearest_train_ssim']['mean']:>22.4f}  {section[key + '_brain_fraction']['mean']:>10.1%}")
     print(f"samples reach {ratio:.1%} of the real slices' nearest-test SSIM; prior NLL on the test split "
           f"{section['prior_test_bits_per_code']:.3f} bits/code (uniform {section['uniform_bits_per_code']:.1f})")
     utils.update_metrics(run_dir, "samples", section)

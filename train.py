@@ -228,6 +228,7 @@ def cached_codes(vqvae, config: Config, run_dir: Path, split: str) -> np.ndarray
 def train_prior(config: Config, run_dir: Path) -> dict:
     vqvae = utils.load_model(run_dir / "vqvae.keras")
     codes = {split: cached_codes(vqvae, config, run_dir, split) for split in ("train", "validate")}
+    utils.save_config(config, run_dir)  # only now: with --stage prior, a data error must leave the run as it was
     keras.utils.set_random_seed(config.seed)
     prior = modules.PixelCNNPrior(**config.prior_kwargs())
     prior.build((None, config.grid_size, config.grid_size))
@@ -280,8 +281,6 @@ def prior_stage_run(args: argparse.Namespace) -> tuple[Path, Config]:
 def run(args: argparse.Namespace) -> Path:
     if args.stage == "prior":
         run_dir, config = prior_stage_run(args)
-        dataset.split_files(config.data_dir, "validate")  # data errors before anything is written
-        utils.save_config(config, run_dir)
         train_prior(config, run_dir)
         print(f"run folder: {run_dir}")
         return run_dir

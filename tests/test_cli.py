@@ -85,6 +85,7 @@ def test_predict_rebuilds_from_the_run_folder_reports_baselines_and_generates(ti
                 "real_val_nearest_train_ssim"]:
         assert -1 <= gen[key]["min"] <= gen[key]["mean"] <= 1
     assert 0 < gen["prior_test_bits_per_code"] < 2 * np.log2(16)
+    assert 0 < gen["real_val_brain_fraction"]["mean"] < 1
 
 
 def test_same_seed_same_samples(tiny_run):
@@ -162,3 +163,15 @@ def test_predict_refuses_a_prior_of_another_codebook_size(tiny_run, tmp_path, ca
     assert predict.main(["--run", str(run), "--num-samples", "1"]) == 2
     err = capsys.readouterr().err
     assert "predicts 32 codes but the VQ-VAE has 16" in err and err.count("\n") == 1
+
+
+def test_failed_prior_stage_leaves_the_run_as_it_was(tiny_run, tmp_path, capsys):
+    run = tmp_path / "no_codes"
+    run.mkdir()
+    for name in ["config.json", "vqvae.keras"]:
+        (run / name).write_bytes((tiny_run / name).read_bytes())
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert train.main(["--stage", "prior", "--run", str(run), "--data-dir", str(tmp_path / "gone"),
+                       "--prior-layers", "3"]) == 2
+    assert "gone does not exist" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before

@@ -171,3 +171,10 @@ def test_demo_differs_with_seed(tmp_path):
     a = dataset._demo_subject(*template, np.random.default_rng([0, 1]))[0]
     b = dataset._demo_subject(*template, np.random.default_rng([1, 1]))[0]
     assert a.shape == (dataset.DEMO_SLICES, 256, 256) and np.mean(a != b) > 0.1
+
+
+def test_demo_builder_refuses_a_non_empty_folder_and_leaves_it_alone(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not empty"):
+        dataset.make_demo(tmp_path, subjects=(1, 1, 1), verbose=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]

@@ -132,3 +132,9 @@ def test_nearest_ssim_matches_brute_force():
     brute = np.array([utils.ssim(np.repeat(q[None], len(pool), 0), pool).max() for q in queries])
     np.testing.assert_allclose(utils.nearest_ssim(queries, pool, shortlist=12), brute, rtol=1e-5)
     assert utils.nearest_ssim(pool[:3], pool, shortlist=2) == pytest.approx(1.0)  # a copy is found
+
+
+def test_brain_fraction():
+    images = np.zeros((2, 10, 10, 1), "float32")
+    images[0, :5] = 0.5
+    np.testing.assert_allclose(utils.brain_fraction(images), [0.5, 0.0])

@@ -1,0 +1,99 @@
+"""Times the project's sampler against the naive per-position `model.predict` loop (as in the Keras PixelCNN
+example), on the same prior weights, grid and batch, in the same run, and prints the ratio.
+
+    python benchmarks/sampling.py                      # a prior of the demo preset's shape, random weights
+    python benchmarks/sampling.py --run runs/NAME      # the trained prior of a run
+
+The naive loop is timed on the first --naive-rows rows and extrapolated to the whole grid (its cost per position
+does not depend on the position: every call runs the full model). The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tensorflow_probability as tfp  # noqa: E402
+
+import modules  # noqa: E402
+import predict  # noqa: E402
+import utils  # noqa: E402
+
+
+def naive_loop(prior, batch: int, rows: int, seed: int) -> tuple[np.ndarray, int]:
+    """The Keras example's sampler: one model.predict over the whole grid per position. Returns the codes
+    and how many positions were sampled."""
+    height, width = prior.grid_shape
+    codes = np.zeros((batch, height, width), "int32")
+    for i in range(rows):
+        for j in range(width):
+            logits = prior.predict(codes, verbose=0)[:, i, j]
+            codes[:, i, j] = tfp.distributions.Categorical(logits=logits).sample(seed=seed).numpy()
+    return codes, rows * width
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", help="run folder with a prior.keras (default: random weights, demo shape)")
+    parser.add_argument("--batch", type=int, default=16, help="samples generated at once (default 16)")
+    parser.add_argument("--naive-rows", type=int, default=2, help="rows of the grid the naive loop is timed on")
+    args = parser.parse_args(argv)
+
+    if args.run:
+        prior = utils.load_model(Path(args.run) / "prior.keras")
+        source = args.run
+    else:
+        config = utils.Config(**utils.DEMO_PRESET)
+        keras.utils.set_random_seed(0)
+        prior = modules.PixelCNNPrior(**config.prior_kwargs())
+        prior.build((None, config.grid_size, config.grid_size))
+        source = "demo preset shape, random weights"
+    height, width = prior.grid_shape
+    print(f"prior: {source}; grid {height}x{width}, batch {args.batch}, {prior.count_params():,} parameters")
+
+    sampler = predict.make_sampler(prior, args.batch, temperature=1.0, seed=0)
+    start = time.perf_counter()
+    sampler()
+    first_s = time.perf_counter() - start  # tracing + the first run
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        sampler().numpy()
+        runs.append(time.perf_counter() - start)
+    sampler_s = min(runs)
+    print(f"project sampler: {sampler_s:.2f} s per batch (best of 3), first call with tracing {first_s:.2f} s")
+
+    prior.predict(np.zeros((args.batch, height, width), "int32"), verbose=0)  # build predict's function once
+    start = time.perf_counter()
+    _, positions = naive_loop(prior, args.batch, min(args.naive_rows, height), seed=0)
+    timed = time.perf_counter() - start
+    naive_s = timed / positions * height * width
+    extrapolated = positions < height * width
+    print(f"naive model.predict loop: {timed:.1f} s for {positions} positions -> {naive_s:.0f} s for the grid"
+          f"{' (extrapolated)' if extrapolated else ''}")
+    speedup = naive_s / sampler_s
+    print(f"speedup: {speedup:.0f}x (with the sampler's first-call tracing counted: {naive_s / first_s:.0f}x)")
+    print(json.dumps({"benchmark": "sampling", "grid": [height, width], "batch": args.batch,
+                      "sampler_s": round(sampler_s, 3), "sampler_first_call_s": round(first_s, 3),
+                      "naive_s": round(naive_s, 1), "naive_positions_timed": positions,
+                      "naive_extrapolated": extrapolated, "speedup": round(speedup, 1),
+                      "speedup_with_tracing": round(naive_s / first_s, 1),
+                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "source": source}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
