@@ -20,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: h
 import argparse
 import csv
 import dataclasses
+import json
 import shutil
 import sys
 import time
@@ -44,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stage", choices=STAGES, default="all",
                         help="all: VQ-VAE then prior (default); vqvae: the VQ-VAE alone; prior: the prior of --run")
     parser.add_argument("--run", help="with --stage prior: the run folder whose VQ-VAE the prior is trained on")
+    parser.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last completed epoch")
     utils.add_config_arguments(parser)
     return parser.parse_args(argv)
 
@@ -97,13 +99,14 @@ class BitsPerCode(keras.callbacks.Callback):
 
 class CurveWriter(keras.callbacks.Callback):
     """Keeps every epoch's logs; after each epoch rewrites the history CSV and the plots, so a run can be watched
-    while it trains. plots: list of (file name, {column: label}, y label, title, floors)."""
+    while it trains. plots: list of (file name, {column: label}, y label, title, floors). A resumed stage
+    passes the history of its completed epochs, and the curves continue from there."""
 
-    def __init__(self, run_dir: Path, csv_name: str, plots: list):
+    def __init__(self, run_dir: Path, csv_name: str, plots: list, history: dict | None = None):
         super().__init__()
         self.run_dir, self.csv_name, self.plots = run_dir, csv_name, plots
-        self.history: dict[str, list] = {}
-        self.start = time.time()
+        self.history: dict[str, list] = history or {}
+        self.start = time.time() - (self.history["seconds"][-1] if self.history.get("seconds") else 0.0)
 
     def on_epoch_end(self, epoch, logs=None):
         logs["seconds"] = time.time() - self.start
@@ -112,6 +115,48 @@ class CurveWriter(keras.callbacks.Callback):
         write_history(self.run_dir / self.csv_name, self.history)
         for name, series, ylabel, title, floors in self.plots:
             utils.plot_curves(self.run_dir / name, self.history, series, ylabel, title, floors=floors)
+
+
+class Checkpoint(keras.callbacks.Callback):
+    """At each epoch end: the model with its optimizer state to STAGE.keras, then the epoch count to
+    progress.json. Both are written atomically and progress.json last, so whenever the process dies, the
+    checkpoint holds at least the epochs progress.json counts, and a resume continues from there."""
+
+    def __init__(self, run_dir: Path, stage: str):
+        super().__init__()
+        self.run_dir, self.stage = run_dir, stage
+
+    def on_epoch_end(self, epoch, logs=None):
+        save_model(self.model, self.run_dir / f"{self.stage}.keras")
+        write_progress(self.run_dir, self.stage, epochs_done=epoch + 1)
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops training at the first NaN or infinite batch loss, before anything of that epoch is saved."""
+
+    def __init__(self, stage: str, flag: str, learning_rate: float, run_dir: Path):
+        super().__init__()
+        self.stage, self.flag, self.learning_rate, self.run_dir = stage, flag, learning_rate, run_dir
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float(logs["loss"])
+        if not np.isfinite(loss):
+            if self.epoch:
+                kept = f"its checkpoint of epoch {self.epoch} in {self.run_dir} is kept"
+            else:
+                kept = f"before any {self.stage} epoch finished"
+            if self.stage == "prior":
+                kept += "; the trained VQ-VAE is kept"
+            raise Diverged(f"the {self.stage} loss became {loss} in epoch {self.epoch + 1}, {kept}. "
+                           f"Lower {self.flag} (it was {self.learning_rate:g}) and train again")
+
+
+class Diverged(UserError):
+    """Training produced a NaN or infinite loss."""
 
 
 class RestartUnusedCodes(keras.callbacks.Callback):
@@ -145,8 +190,37 @@ def write_history(path: Path, history: dict) -> None:
     utils.atomic_write(path, write)
 
 
+def read_history(path: Path, epochs: int) -> dict:
+    """The first `epochs` rows of a history CSV as {column: [values]} (a resumed stage continues it)."""
+    if epochs == 0 or not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))[:epochs]
+    return {column: [float(row[column]) for row in rows] for column in rows[0] if column != "epoch"}
+
+
 def save_model(model, path: Path) -> None:
     utils.atomic_write(path, model.save)  # the temp name keeps the .keras suffix that model.save requires
+
+
+PROGRESS = "progress.json"  # {"stages": "all", "vqvae": {"epochs_done": 3, "finished": false}, "prior": {...}}
+
+
+def read_progress(run_dir: Path) -> dict:
+    path = run_dir / PROGRESS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_progress(run_dir: Path, stage: str, **values) -> None:
+    progress = read_progress(run_dir)
+    progress[stage] = {**progress.get(stage, {}), **values}
+    utils.write_json(run_dir / PROGRESS, progress)
+
+
+def stage_state(run_dir: Path, stage: str) -> tuple[int, bool]:
+    """(epochs completed, finished) of a stage in a run folder."""
+    state = read_progress(run_dir).get(stage, {})
+    return state.get("epochs_done", 0), state.get("finished", False)
 
 
 def baseline_floors(images: np.ndarray, downsample: int) -> dict:
@@ -167,27 +241,32 @@ def fit_verbosity() -> int:
 
 
 def train_vqvae(config: Config, data: dict, run_dir: Path) -> dict:
-    keras.utils.set_random_seed(config.seed)
-    model = modules.VQVAE(**config.vqvae_kwargs())
-    model.build((None, config.image_size, config.image_size, 1))
-    steps = int(np.ceil(data["num_train"] / config.batch_size))
-    model.compile(optimizer=keras.optimizers.Adam(cosine_schedule(config.learning_rate, config.epochs, steps)),
-                  loss="mse", metrics=[keras.metrics.MeanSquaredError(name="mse")])
+    """Trains (or, after a crash, continues) the VQ-VAE of run_dir, checkpointing every epoch."""
+    epochs_done, _ = stage_state(run_dir, "vqvae")
+    if epochs_done:  # the checkpoint carries the weights and the optimizer state (moments, step, schedule)
+        model = utils.load_model(run_dir / "vqvae.keras")
+        print(f"resuming the VQ-VAE after epoch {epochs_done} of {config.epochs}")
+    else:
+        keras.utils.set_random_seed(config.seed)
+        model = modules.VQVAE(**config.vqvae_kwargs())
+        model.build((None, config.image_size, config.image_size, 1))
+        steps = int(np.ceil(data["num_train"] / config.batch_size))
+        model.compile(optimizer=keras.optimizers.Adam(cosine_schedule(config.learning_rate, config.epochs, steps)),
+                      loss="mse", metrics=[keras.metrics.MeanSquaredError(name="mse")])
     floors = baseline_floors(data["val_images"], config.downsample)
     curves = CurveWriter(run_dir, "history.csv", [
-            ("ssim.png", {"train_ssim": "train (sample)", "val_ssim": "validation"}, "mean SSIM",
-             "VQ-VAE reconstruction SSIM", floors),
-            ("losses.png", {"loss": "train total (MSE + VQ)", "mse": "train MSE", "val_mse": "validation MSE"},
-             "loss", "VQ-VAE losses", None)])
-    callbacks = [RestartUnusedCodes(data["train_sample"], config.seed),
-                 EpochReport(data["val_images"], data["train_sample"], config.num_embeddings), curves]
+        ("ssim.png", {"train_ssim": "train (sample)", "val_ssim": "validation"}, "mean SSIM",
+         "VQ-VAE reconstruction SSIM", floors),
+        ("losses.png", {"loss": "train total (MSE + VQ)", "mse": "train MSE", "val_mse": "validation MSE"},
+         "loss", "VQ-VAE losses", None)], history=read_history(run_dir / "history.csv", epochs_done))
+    callbacks = [StopOnNonFiniteLoss("VQ-VAE", "--learning-rate", config.learning_rate, run_dir),
+                 RestartUnusedCodes(data["train_sample"], config.seed),
+                 EpochReport(data["val_images"], data["train_sample"], config.num_embeddings), curves,
+                 Checkpoint(run_dir, "vqvae")]
     print(f"VQ-VAE: {model.count_params():,} parameters, code grid {config.grid_size}x{config.grid_size}, "
           f"K={config.num_embeddings}, D={config.embedding_dim}")
-    start = time.time()
-    model.fit(data["train"], epochs=config.epochs, callbacks=callbacks, verbose=fit_verbosity(),
-              shuffle=False)  # the dataset shuffles itself
-    seconds = time.time() - start
-    save_model(model, run_dir / "vqvae.keras")
+    model.fit(data["train"], initial_epoch=epochs_done, epochs=config.epochs, callbacks=callbacks,
+              verbose=fit_verbosity(), shuffle=False)  # the dataset shuffles itself
 
     val_recon, val_codes = utils.reconstruct(model, data["val_images"])
     val_ssim = curves.history["val_ssim"][-1]
@@ -195,10 +274,12 @@ def train_vqvae(config: Config, data: dict, run_dir: Path) -> dict:
     utils.plot_image_rows(run_dir / "recon.png", {"validation originals": data["val_images"][show],
                                                   "reconstructions": val_recon[show]},
                           title=f"VQ-VAE reconstructions, mean validation SSIM {val_ssim:.3f}")
+    seconds = curves.history["seconds"][-1]
     metrics = {"epochs": config.epochs, "train_seconds": round(seconds, 1), "val_ssim": val_ssim,
                "val_ssim_floors": floors, "num_embeddings": config.num_embeddings,
                **{f"val_{k}": v for k, v in modules.codebook_usage(val_codes, config.num_embeddings).items()}}
     utils.update_metrics(run_dir, "vqvae", metrics)
+    write_progress(run_dir, "vqvae", finished=True)
     floors_text = ", ".join(f"{k} {v:.3f}" for k, v in floors.items())
     print(f"VQ-VAE done in {seconds:.0f} s: validation SSIM {val_ssim:.4f} ({floors_text}); "
           f"codes used {metrics['val_codes_used']}/{config.num_embeddings}")
@@ -226,83 +307,138 @@ def cached_codes(vqvae, config: Config, run_dir: Path, split: str) -> np.ndarray
 
 
 def train_prior(config: Config, run_dir: Path) -> dict:
+    """Trains (or, after a crash, continues) the prior of run_dir on its cached codes, checkpointing every epoch."""
     vqvae = utils.load_model(run_dir / "vqvae.keras")
     codes = {split: cached_codes(vqvae, config, run_dir, split) for split in ("train", "validate")}
     utils.save_config(config, run_dir)  # only now: with --stage prior, a data error must leave the run as it was
-    keras.utils.set_random_seed(config.seed)
-    prior = modules.PixelCNNPrior(**config.prior_kwargs())
-    prior.build((None, config.grid_size, config.grid_size))
-    steps = int(np.ceil(len(codes["train"]) / config.prior_batch_size))
-    prior.compile(optimizer=keras.optimizers.Adam(cosine_schedule(config.prior_learning_rate,
-                                                                  config.prior_epochs, steps)),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    epochs_done, _ = stage_state(run_dir, "prior")
+    if epochs_done:
+        prior = utils.load_model(run_dir / "prior.keras")
+        print(f"resuming the prior after epoch {epochs_done} of {config.prior_epochs}")
+    else:
+        keras.utils.set_random_seed(config.seed)
+        prior = modules.PixelCNNPrior(**config.prior_kwargs())
+        prior.build((None, config.grid_size, config.grid_size))
+        steps = int(np.ceil(len(codes["train"]) / config.prior_batch_size))
+        prior.compile(optimizer=keras.optimizers.Adam(cosine_schedule(config.prior_learning_rate,
+                                                                      config.prior_epochs, steps)),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     curves = CurveWriter(run_dir, "prior_history.csv", [
         ("prior_loss.png", {"bits_per_code": "train", "val_bits_per_code": "validation"}, "NLL (bits per code)",
-         "PixelCNN prior", None)])
+         "PixelCNN prior", None)], history=read_history(run_dir / "prior_history.csv", epochs_done))
+    callbacks = [StopOnNonFiniteLoss("prior", "--prior-learning-rate", config.prior_learning_rate, run_dir),
+                 BitsPerCode(), curves, Checkpoint(run_dir, "prior")]
     print(f"PixelCNN prior: {prior.count_params():,} parameters, {config.prior_layers} gated layers, receptive "
           f"field {prior.receptive_rows()} rows of the {config.grid_size}x{config.grid_size} grid")
-    start = time.time()
     train_codes, val_codes = codes["train"].astype("int32"), codes["validate"].astype("int32")
     prior.fit(train_codes, train_codes, validation_data=(val_codes, val_codes), batch_size=config.prior_batch_size,
-              epochs=config.prior_epochs, callbacks=[BitsPerCode(), curves], verbose=fit_verbosity())
-    seconds = time.time() - start
-    save_model(prior, run_dir / "prior.keras")
-    metrics = {"epochs": config.prior_epochs, "train_seconds": round(seconds, 1),
+              initial_epoch=epochs_done, epochs=config.prior_epochs, callbacks=callbacks, verbose=fit_verbosity())
+    metrics = {"epochs": config.prior_epochs, "train_seconds": round(curves.history["seconds"][-1], 1),
                "val_bits_per_code": curves.history["val_bits_per_code"][-1],
                "train_bits_per_code": curves.history["bits_per_code"][-1],
                "uniform_bits_per_code": float(np.log2(config.num_embeddings))}
     utils.update_metrics(run_dir, "prior", metrics)
-    print(f"prior done in {seconds:.0f} s: validation NLL {metrics['val_bits_per_code']:.3f} bits/code")
+    write_progress(run_dir, "prior", finished=True)
+    print(f"prior done in {metrics['train_seconds']:.0f} s: validation NLL {metrics['val_bits_per_code']:.3f} "
+          "bits/code")
     return metrics
 
 
 def prior_stage_run(args: argparse.Namespace) -> tuple[Path, Config]:
-    """The run folder and config for --stage prior: an existing run with a trained VQ-VAE and no prior yet."""
+    """The run folder and config for --stage prior: an existing run with a trained VQ-VAE and no finished prior."""
     if not args.run:
         raise UserError("--stage prior trains the prior of an existing run: pass --run runs/NAME")
     run_dir = Path(args.run)
     config = utils.load_run_config(run_dir)
-    if not (run_dir / "vqvae.keras").is_file():
-        raise UserError(f"{run_dir} has no trained VQ-VAE (vqvae.keras); train it first with "
-                        "`python train.py --stage vqvae` or use --stage all")
-    if (run_dir / "prior.keras").exists():
-        raise UserError(f"{run_dir} already has a trained prior (prior.keras); move that file away first if you "
-                        "want to train a new one")
+    if not stage_state(run_dir, "vqvae")[1]:
+        raise UserError(f"{run_dir} has no trained VQ-VAE; train it first with `python train.py --stage vqvae` "
+                        f"(or finish it with --resume {run_dir})")
+    if stage_state(run_dir, "prior")[1]:
+        raise UserError(f"{run_dir} already has a trained prior (prior.keras); train a new run, or move prior.keras "
+                        f"and the prior entry of {PROGRESS} away first")
     overrides = utils.config_overrides(args)
     fixed = [name for name in overrides if not name.startswith("prior_") and name not in ("data_dir", "seed")]
     if fixed:
         raise UserError(f"--{fixed[0].replace('_', '-')} belongs to the VQ-VAE that {run_dir} already trained; "
                         "with --stage prior only the --prior-* flags, --data-dir and --seed apply")
+    if stage_state(run_dir, "prior")[0] and overrides:
+        raise UserError(f"the prior of {run_dir} is partly trained; continue it with --resume {run_dir}, "
+                        "without changing its settings")
     config = dataclasses.replace(config, **overrides)
     config.validate()
     return run_dir, config
 
 
+def resumed_run(args: argparse.Namespace) -> tuple[Path, Config, str]:
+    """The run folder, config and stages of --resume RUN: settings come from the run, not from flags."""
+    run_dir = Path(args.resume)
+    config = utils.load_run_config(run_dir)
+    overrides = {k: v for k, v in utils.config_overrides(args).items() if k != "data_dir"}
+    if overrides:
+        raise UserError(f"--resume continues {run_dir} with the settings in its config.json; drop "
+                        f"--{next(iter(overrides)).replace('_', '-')} (only --data-dir may change, if the data moved)")
+    config = dataclasses.replace(config, **utils.config_overrides(args))
+    return run_dir, config, read_progress(run_dir).get("stages", "all")
+
+
+def check_writable(folder: Path) -> None:
+    """A UserError unless `folder` exists as a writable folder or can be created, checked before any work."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"cannot write run folders under {folder} ({existing} is not a writable folder); "
+                        "pass --runs-dir PATH to a folder you can write to")
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """A process killed in the middle of an atomic write leaves its temporary file; the real file is intact."""
+    for path in run_dir.glob(f".*{utils.TEMP_MARK}*"):
+        path.unlink(missing_ok=True)
+
+
 def run(args: argparse.Namespace) -> Path:
-    if args.stage == "prior":
+    if args.resume:
+        run_dir, config, stages = resumed_run(args)
+    elif args.stage == "prior":
         run_dir, config = prior_stage_run(args)
-        train_prior(config, run_dir)
-        print(f"run folder: {run_dir}")
-        return run_dir
-
-    config = utils.config_from_args(args)
-    config.validate()
-    run_dir = Path(config.runs_dir) / utils.new_run_name(config)
+        stages = "prior"
+    else:
+        config = utils.config_from_args(args)
+        config.validate()
+        stages = args.stage
+        run_dir = Path(config.runs_dir) / utils.new_run_name(config)
+        if run_dir.exists():
+            same = (run_dir / "config.json").is_file() and utils.load_run_config(run_dir) == config
+            if not same:
+                raise UserError(f"run folder {run_dir} already exists with other settings; pick another --name, "
+                                f"or continue it with --resume {run_dir}")
+            # the same command on the same run folder continues that run
+    check_writable(run_dir if run_dir.exists() else run_dir.parent)
     if run_dir.exists():
-        raise UserError(f"run folder {run_dir} already exists; pick another --name so it is not overwritten")
-    data = prepare_data(config, args.demo)  # every data error surfaces here, before the run folder exists
+        remove_stale_temporaries(run_dir)
 
-    run_dir.mkdir(parents=True)
-    try:
-        utils.save_config(config, run_dir)
-        train_vqvae(config, data, run_dir)
-    except BaseException:
-        if not (run_dir / "vqvae.keras").exists():  # nothing worth keeping: leave no half-made run behind
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    if args.stage == "all":
+    vqvae_done = stage_state(run_dir, "vqvae")[1]
+    if stages in ("vqvae", "all") and not vqvae_done:
+        data = prepare_data(config, args.demo)  # every data error surfaces here, before a run folder exists
+        created = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            utils.save_config(config, run_dir)
+            utils.write_json(run_dir / PROGRESS, {"stages": stages, **read_progress(run_dir)})
+            train_vqvae(config, data, run_dir)
+        except BaseException:
+            if created and not (run_dir / "vqvae.keras").exists():  # nothing worth keeping from this command
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         del data  # the images are not needed for the prior, which trains on codes
-        train_prior(config, run_dir)
+    elif stages in ("vqvae", "all"):
+        print(f"the VQ-VAE of {run_dir} is trained already")
+    if stages in ("prior", "all"):
+        if stage_state(run_dir, "prior")[1]:
+            print(f"the prior of {run_dir} is trained already")
+        else:
+            train_prior(config, run_dir)
     print(f"run folder: {run_dir}")
     return run_dir
 

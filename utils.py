@@ -188,10 +188,13 @@ def load_model(path: Path):
                         "tool, retrain that stage") from None
 
 
+TEMP_MARK = ".tmp-"  # in the names of atomic_write's temporary files: .NAME.tmp-XXXX.SUFFIX
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Calls write(tmp_path), then renames tmp_path onto path: readers see the old file or the new, never half."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}{TEMP_MARK}", suffix=path.suffix)
     os.close(fd)
     try:
         write(tmp)

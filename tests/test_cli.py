@@ -124,6 +124,16 @@ def test_existing_run_name_is_refused_and_left_untouched(tiny_run, demo_dir, cap
     assert (tiny_run / "vqvae.keras").read_bytes() == before
 
 
+def vqvae_only_copy(tiny_run, dest, names=("config.json", "vqvae.keras")):
+    """A copy of the tiny run as it was after stage 1: its VQ-VAE trained, no prior yet."""
+    dest.mkdir()
+    for name in names:
+        (dest / name).write_bytes((tiny_run / name).read_bytes())
+    progress = json.loads((tiny_run / "progress.json").read_text())
+    (dest / "progress.json").write_text(json.dumps({"stages": "vqvae", "vqvae": progress["vqvae"]}))
+    return dest
+
+
 def test_prior_stage_needs_a_run_with_a_vqvae_and_no_prior(tiny_run, tmp_path, capsys):
     assert train.main(["--stage", "prior"]) == 2
     assert "pass --run" in capsys.readouterr().err
@@ -139,10 +149,8 @@ def test_prior_stage_needs_a_run_with_a_vqvae_and_no_prior(tiny_run, tmp_path, c
 
 
 def test_prior_stage_trains_the_prior_of_an_existing_run(tiny_run, tmp_path, capsys):
-    run = tmp_path / "copy"
-    run.mkdir()
-    for name in ["config.json", "vqvae.keras", "codes_train.npy", "codes_validate.npy"]:
-        (run / name).write_bytes((tiny_run / name).read_bytes())
+    run = vqvae_only_copy(tiny_run, tmp_path / "copy",
+                          ["config.json", "vqvae.keras", "codes_train.npy", "codes_validate.npy"])
     assert train.main(["--stage", "prior", "--run", str(run), "--image-size", "64"]) == 2
     assert "belongs to the VQ-VAE" in capsys.readouterr().err
     assert train.main(["--stage", "prior", "--run", str(run), "--prior-epochs", "1", "--prior-layers", "1"]) == 0
@@ -153,10 +161,7 @@ def test_prior_stage_trains_the_prior_of_an_existing_run(tiny_run, tmp_path, cap
 def test_predict_refuses_a_prior_of_another_codebook_size(tiny_run, tmp_path, capsys):
     import modules
 
-    run = tmp_path / "mismatch"
-    run.mkdir()
-    for name in ["config.json", "vqvae.keras"]:
-        (run / name).write_bytes((tiny_run / name).read_bytes())
+    run = vqvae_only_copy(tiny_run, tmp_path / "mismatch")
     prior = modules.PixelCNNPrior(num_embeddings=32, grid_shape=(8, 8), channels=4, num_layers=1)
     prior.build((None, 8, 8))
     prior.save(run / "prior.keras")
@@ -166,10 +171,7 @@ def test_predict_refuses_a_prior_of_another_codebook_size(tiny_run, tmp_path, ca
 
 
 def test_failed_prior_stage_leaves_the_run_as_it_was(tiny_run, tmp_path, capsys):
-    run = tmp_path / "no_codes"
-    run.mkdir()
-    for name in ["config.json", "vqvae.keras"]:
-        (run / name).write_bytes((tiny_run / name).read_bytes())
+    run = vqvae_only_copy(tiny_run, tmp_path / "no_codes")
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     assert train.main(["--stage", "prior", "--run", str(run), "--data-dir", str(tmp_path / "gone"),
                        "--prior-layers", "3"]) == 2
