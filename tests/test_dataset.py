@@ -178,3 +178,23 @@ def test_demo_builder_refuses_a_non_empty_folder_and_leaves_it_alone(tmp_path):
     with pytest.raises(UserError, match="not empty"):
         dataset.make_demo(tmp_path, subjects=(1, 1, 1), verbose=False)
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+@pytest.mark.parametrize("kind", ["rgb", "sixteen_bit"])
+def test_a_folder_of_rgb_or_16_bit_pngs_trains(tmp_path, kind):
+    for split, n in [("train", 4), ("validate", 2)]:
+        for i in range(n):
+            gray = brainish(32, seed=i, dtype=np.uint16 if kind == "sixteen_bit" else np.uint8,
+                            value=3000 if kind == "sixteen_bit" else None)
+            write_png(tmp_path / "data" / split / f"case_{i}.png", np.dstack([gray] * 3) if kind == "rgb" else gray)
+    args = ["--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"), "--name", kind,
+            "--stage", "vqvae", "--epochs", "1", "--image-size", "32", "--hidden-channels", "4",
+            "--num-res-blocks", "0", "--num-embeddings", "8", "--embedding-dim", "2", "--batch-size", "4"]
+    assert train.main(args) == 0
+    assert (tmp_path / "runs" / kind / "vqvae.keras").is_file()
+
+
+def test_prior_stage_on_a_missing_run_folder(tmp_path, capsys):
+    assert train.main(["--stage", "prior", "--run", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "nope does not exist" in err and err.count("\n") == 1
