@@ -240,6 +240,28 @@ def fit_verbosity() -> int:
     return 1 if sys.stdout.isatty() else 2  # progress bars in a terminal, one line per epoch in a log file
 
 
+def new_vqvae(config: Config, steps_per_epoch: int):
+    """The VQ-VAE of a config, built and compiled for training (seeded: same seed, same initial weights)."""
+    keras.utils.set_random_seed(config.seed)
+    model = modules.VQVAE(**config.vqvae_kwargs())
+    model.build((None, config.image_size, config.image_size, 1))
+    schedule = cosine_schedule(config.learning_rate, config.epochs, steps_per_epoch)
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="mse",
+                  metrics=[keras.metrics.MeanSquaredError(name="mse")])
+    return model
+
+
+def new_prior(config: Config, steps_per_epoch: int):
+    """The PixelCNN prior of a config, built and compiled for training on code grids."""
+    keras.utils.set_random_seed(config.seed)
+    prior = modules.PixelCNNPrior(**config.prior_kwargs())
+    prior.build((None, config.grid_size, config.grid_size))
+    schedule = cosine_schedule(config.prior_learning_rate, config.prior_epochs, steps_per_epoch)
+    prior.compile(optimizer=keras.optimizers.Adam(schedule),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return prior
+
+
 def train_vqvae(config: Config, data: dict, run_dir: Path) -> dict:
     """Trains (or, after a crash, continues) the VQ-VAE of run_dir, checkpointing every epoch."""
     epochs_done, _ = stage_state(run_dir, "vqvae")
@@ -247,12 +269,7 @@ def train_vqvae(config: Config, data: dict, run_dir: Path) -> dict:
         model = utils.load_model(run_dir / "vqvae.keras")
         print(f"resuming the VQ-VAE after epoch {epochs_done} of {config.epochs}")
     else:
-        keras.utils.set_random_seed(config.seed)
-        model = modules.VQVAE(**config.vqvae_kwargs())
-        model.build((None, config.image_size, config.image_size, 1))
-        steps = int(np.ceil(data["num_train"] / config.batch_size))
-        model.compile(optimizer=keras.optimizers.Adam(cosine_schedule(config.learning_rate, config.epochs, steps)),
-                      loss="mse", metrics=[keras.metrics.MeanSquaredError(name="mse")])
+        model = new_vqvae(config, steps_per_epoch=int(np.ceil(data["num_train"] / config.batch_size)))
     floors = baseline_floors(data["val_images"], config.downsample)
     curves = CurveWriter(run_dir, "history.csv", [
         ("ssim.png", {"train_ssim": "train (sample)", "val_ssim": "validation"}, "mean SSIM",
@@ -316,13 +333,7 @@ def train_prior(config: Config, run_dir: Path) -> dict:
         prior = utils.load_model(run_dir / "prior.keras")
         print(f"resuming the prior after epoch {epochs_done} of {config.prior_epochs}")
     else:
-        keras.utils.set_random_seed(config.seed)
-        prior = modules.PixelCNNPrior(**config.prior_kwargs())
-        prior.build((None, config.grid_size, config.grid_size))
-        steps = int(np.ceil(len(codes["train"]) / config.prior_batch_size))
-        prior.compile(optimizer=keras.optimizers.Adam(cosine_schedule(config.prior_learning_rate,
-                                                                      config.prior_epochs, steps)),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        prior = new_prior(config, steps_per_epoch=int(np.ceil(len(codes["train"]) / config.prior_batch_size)))
     curves = CurveWriter(run_dir, "prior_history.csv", [
         ("prior_loss.png", {"bits_per_code": "train", "val_bits_per_code": "validation"}, "NLL (bits per code)",
          "PixelCNN prior", None)], history=read_history(run_dir / "prior_history.csv", epochs_done))
