@@ -50,9 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def score(real: np.ndarray, fake: np.ndarray) -> dict:
-    """SSIM over the whole image, SSIM on the brain's bounding box, PSNR: each as mean / median / min."""
-    return {"ssim": utils.summarize(utils.ssim(real, fake)),
+def score(real: np.ndarray, fake: np.ndarray, ssim: np.ndarray) -> dict:
+    """SSIM over the whole image (given per image), SSIM on the brain's bounding box, PSNR: each as
+    mean / median / min."""
+    return {"ssim": utils.summarize(ssim),
             "ssim_brain_crop": utils.summarize(utils.ssim_brain_crop(real, fake)),
             "psnr": utils.summarize(utils.psnr(real, fake))}
 
@@ -64,7 +65,8 @@ def evaluate_reconstruction(run_dir: Path, config: utils.Config, vqvae, images: 
     bilinear = f"bilinear_x{config.downsample}"
     candidates = {"vqvae": recon, bilinear: utils.bilinear_baseline(images, config.downsample),
                   "all_black": np.zeros_like(images)}
-    results = {name: score(images, output) for name, output in candidates.items()}
+    ssim = {name: utils.ssim(images, output) for name, output in candidates.items()}  # (N,) per candidate
+    results = {name: score(images, output, ssim[name]) for name, output in candidates.items()}
 
     print(f"reconstruction, {split} split of {data_dir}: {len(images)} slices at {config.image_size} px")
     print(f"{'':>14} {'SSIM mean':>10} {'median':>8} {'min':>8}  {'brain-crop SSIM':>15} {'PSNR dB':>8}")
@@ -72,9 +74,8 @@ def evaluate_reconstruction(run_dir: Path, config: utils.Config, vqvae, images: 
         print(f"{name:>14} {r['ssim']['mean']:>10.4f} {r['ssim']['median']:>8.4f} {r['ssim']['min']:>8.4f}  "
               f"{r['ssim_brain_crop']['mean']:>15.4f} {r['psnr']['mean']:>8.2f}")
 
-    utils.plot_histogram(run_dir / "ssim_hist.png",
-                         {name: utils.ssim(images, output) for name, output in candidates.items()},
-                         "SSIM per slice", f"Reconstruction SSIM, {split} split ({len(images)} slices)")
+    utils.plot_histogram(run_dir / "ssim_hist.png", ssim, "SSIM per slice",
+                         f"Reconstruction SSIM, {split} split ({len(images)} slices)")
     show = np.linspace(0, len(images) - 1, 8).astype(int)
     utils.plot_image_rows(run_dir / f"recon_{split}.png",
                           {f"{split} originals": images[show], "VQ-VAE reconstructions": recon[show],
