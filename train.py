@@ -225,9 +225,9 @@ def stage_state(run_dir: Path, stage: str) -> tuple[int, bool]:
 
 def baseline_floors(images: np.ndarray, downsample: int) -> dict:
     """Mean SSIM of the trivial reconstructions, the floors a model's SSIM must be read against."""
-    return {"all-black": float(np.mean(utils.ssim(images, np.zeros_like(images)))),
-            f"bilinear x{downsample} down/up": float(np.mean(utils.ssim(images,
-                                                                           utils.bilinear_baseline(images, downsample))))}
+    baselines = {"all-black": np.zeros_like(images),
+                 f"bilinear x{downsample} down/up": utils.bilinear_baseline(images, downsample)}
+    return {name: float(np.mean(utils.ssim(images, output))) for name, output in baselines.items()}
 
 
 def cosine_schedule(learning_rate: float, epochs: int, steps_per_epoch: int):
@@ -384,11 +384,12 @@ def resumed_run(args: argparse.Namespace) -> tuple[Path, Config, str]:
     """The run folder, config and stages of --resume RUN: settings come from the run, not from flags."""
     run_dir = Path(args.resume)
     config = utils.load_run_config(run_dir)
-    overrides = {k: v for k, v in utils.config_overrides(args).items() if k != "data_dir"}
-    if overrides:
+    overrides = utils.config_overrides(args)
+    changed = [name for name in overrides if name != "data_dir"]
+    if changed:
         raise UserError(f"--resume continues {run_dir} with the settings in its config.json; drop "
-                        f"--{next(iter(overrides)).replace('_', '-')} (only --data-dir may change, if the data moved)")
-    config = dataclasses.replace(config, **utils.config_overrides(args))
+                        f"--{changed[0].replace('_', '-')} (only --data-dir may change, if the data moved)")
+    config = dataclasses.replace(config, **overrides)
     return run_dir, config, read_progress(run_dir).get("stages", "all")
 
 
