@@ -4,6 +4,10 @@ Backend-agnostic Keras 3: only `keras`, `keras.ops` and `keras.random` appear he
 TensorFlow (the scripts) and JAX (GPU checks with KERAS_BACKEND=jax). Every class is registered serializable with
 a complete get_config, so `keras.saving.load_model("vqvae.keras")` needs no custom_objects.
 
+Mixed precision: pass dtype="mixed_bfloat16" (or "mixed_float16") to VQVAE or PixelCNNPrior. Each composite
+layer hands its dtype policy to the layers it creates; the quantizer, the decoder's output layer and the prior's
+logits stay float32, so code distances, the VQ losses, reconstructions and softmaxes are computed in full precision.
+
 Shapes at the defaults (256 px, downsample 4, D = 64, K = 512):
     images (N, 256, 256, 1) -> Encoder -> z_e (N, 64, 64, 64) -> VectorQuantizer -> z_q (N, 64, 64, 64)
     -> Decoder -> reconstructions (N, 256, 256, 1); the code grid is the (N, 64, 64) int32 indices of z_q.
@@ -57,8 +61,8 @@ class VectorQuantizer(layers.Layer):
 
     def nearest_indices(self, inputs):
         """(..., D) -> (...) int32 index of the nearest code."""
-        flat = ops.reshape(inputs, (-1, self.embedding_dim))  # (M, D)
-        embeddings = ops.cast(self.embeddings, flat.dtype)
+        flat = ops.cast(ops.reshape(inputs, (-1, self.embedding_dim)), "float32")  # (M, D), bf16/fp16 in: upcast
+        embeddings = ops.cast(self.embeddings, "float32")
         # ||x - e||^2 = ||x||^2 - 2 x.e + ||e||^2, without materialising an (M, K, D) tensor.
         distances = (ops.sum(flat**2, axis=1, keepdims=True) - 2.0 * ops.matmul(flat, ops.transpose(embeddings))
                      + ops.sum(embeddings**2, axis=1)[None, :])  # (M, K)
@@ -66,8 +70,8 @@ class VectorQuantizer(layers.Layer):
         return ops.reshape(indices, ops.shape(inputs)[:-1])
 
     def embed(self, indices):
-        """(...) int code indices -> (..., D) codebook vectors."""
-        return ops.take(self.embeddings, ops.cast(indices, "int32"), axis=0)
+        """(...) int code indices -> (..., D) codebook vectors (float32)."""
+        return ops.take(ops.cast(self.embeddings, "float32"), ops.cast(indices, "int32"), axis=0)
 
     def nearest_codes(self, inputs):
         """(..., D) -> (nearest codes (..., D), indices (...)); no loss, no gradient trick."""
@@ -84,6 +88,7 @@ class VectorQuantizer(layers.Layer):
         return int(self.num_embeddings - ops.sum(ops.cast(used, "int32")))
 
     def call(self, inputs):
+        inputs = ops.cast(inputs, "float32")  # losses and the straight-through sum in full precision
         quantized, _ = self.nearest_codes(inputs)
         codebook_loss = ops.mean((ops.stop_gradient(inputs) - quantized) ** 2)
         commitment_loss = ops.mean((inputs - ops.stop_gradient(quantized)) ** 2)
@@ -116,8 +121,8 @@ class ResidualBlock(layers.Layer):
         _check_positive(channels=channels, hidden_channels=hidden_channels)
         self.channels = channels
         self.hidden_channels = hidden_channels
-        self.conv3 = layers.Conv2D(hidden_channels, 3, padding="same", name="conv3x3")
-        self.conv1 = layers.Conv2D(channels, 1, name="conv1x1")
+        self.conv3 = layers.Conv2D(hidden_channels, 3, padding="same", name="conv3x3", dtype=self.dtype_policy)
+        self.conv1 = layers.Conv2D(channels, 1, name="conv1x1", dtype=self.dtype_policy)
 
     def build(self, input_shape):
         _build_chain([self.conv3, self.conv1], input_shape)
@@ -159,12 +164,14 @@ class Encoder(layers.Layer):
         self.num_res_blocks = num_res_blocks
         self.embedding_dim = embedding_dim
         n = _num_halvings(downsample)
+        policy = self.dtype_policy  # sublayers compute in this layer's precision
         self.down = [layers.Conv2D(hidden_channels // 2 if i < n - 1 else hidden_channels, 4, strides=2,
-                                   padding="same", activation="relu", name=f"down{i}") for i in range(n)]
-        self.conv = layers.Conv2D(hidden_channels, 3, padding="same", name="conv")
-        self.blocks = [ResidualBlock(hidden_channels, max(hidden_channels // 4, 1), name=f"res{i}")
+                                   padding="same", activation="relu", name=f"down{i}", dtype=policy)
+                     for i in range(n)]
+        self.conv = layers.Conv2D(hidden_channels, 3, padding="same", name="conv", dtype=policy)
+        self.blocks = [ResidualBlock(hidden_channels, max(hidden_channels // 4, 1), name=f"res{i}", dtype=policy)
                        for i in range(num_res_blocks)]
-        self.project = layers.Conv2D(embedding_dim, 1, name="to_embedding")
+        self.project = layers.Conv2D(embedding_dim, 1, name="to_embedding", dtype=policy)
 
     def build(self, input_shape):
         _build_chain([*self.down, self.conv, *self.blocks, self.project], input_shape)
@@ -195,12 +202,14 @@ class Decoder(layers.Layer):
         self.hidden_channels = hidden_channels
         self.num_res_blocks = num_res_blocks
         n = _num_halvings(downsample)
-        self.conv = layers.Conv2D(hidden_channels, 3, padding="same", name="conv")
-        self.blocks = [ResidualBlock(hidden_channels, max(hidden_channels // 4, 1), name=f"res{i}")
+        policy = self.dtype_policy
+        self.conv = layers.Conv2D(hidden_channels, 3, padding="same", name="conv", dtype=policy)
+        self.blocks = [ResidualBlock(hidden_channels, max(hidden_channels // 4, 1), name=f"res{i}", dtype=policy)
                        for i in range(num_res_blocks)]
         self.up = [layers.Conv2DTranspose(hidden_channels // 2, 4, strides=2, padding="same", activation="relu",
-                                          name=f"up{i}") for i in range(n - 1)]
-        self.up.append(layers.Conv2DTranspose(1, 4, strides=2, padding="same", name=f"up{n - 1}"))
+                                          name=f"up{i}", dtype=policy) for i in range(n - 1)]
+        # the output layer in float32: intensities and the MSE keep full precision under mixed precision
+        self.up.append(layers.Conv2DTranspose(1, 4, strides=2, padding="same", name=f"up{n - 1}", dtype="float32"))
 
     def build(self, input_shape):
         _build_chain([self.conv, *self.blocks, *self.up], input_shape)
@@ -233,9 +242,13 @@ class VQVAE(keras.Model):
         self.hidden_channels = hidden_channels
         self.num_res_blocks = num_res_blocks
         self.commitment_cost = commitment_cost
-        self.encoder = Encoder(downsample, hidden_channels, num_res_blocks, embedding_dim, name="encoder")
-        self.quantizer = VectorQuantizer(num_embeddings, embedding_dim, commitment_cost, name="quantizer")
-        self.decoder = Decoder(downsample, hidden_channels, num_res_blocks, name="decoder")
+        policy = self.dtype_policy
+        self.encoder = Encoder(downsample, hidden_channels, num_res_blocks, embedding_dim, name="encoder",
+                               dtype=policy)
+        # always float32: nearest-code distances and the VQ losses lose code assignments in bf16/fp16
+        self.quantizer = VectorQuantizer(num_embeddings, embedding_dim, commitment_cost, name="quantizer",
+                                         dtype="float32")
+        self.decoder = Decoder(downsample, hidden_channels, num_res_blocks, name="decoder", dtype=policy)
 
     def build(self, input_shape):
         # Built explicitly so a reloaded model has its weights before the first call.
@@ -309,7 +322,8 @@ class MaskedConv2D(layers.Layer):
         self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
 
     def masked_kernel(self):
-        return self.kernel * ops.convert_to_tensor(self.mask, self.kernel.dtype)
+        dtype = self.compute_dtype  # the kernel is float32; under mixed precision it computes in bf16/fp16
+        return ops.cast(self.kernel, dtype) * ops.convert_to_tensor(self.mask, dtype)
 
     def call(self, inputs):
         return ops.conv(inputs, self.masked_kernel(), padding="same") + self.bias
@@ -353,17 +367,21 @@ class GatedPixelCNNBlock(layers.Layer):
         _check_positive(channels=channels, kernel_size=kernel_size)
         self.channels, self.kernel_size, self.num_conditions = channels, kernel_size, num_conditions
         self.first, self.last = first, last
-        self.vertical = MaskedConv2D(2 * channels, (kernel_size, kernel_size), "V", name="vertical")
-        self.horizontal = MaskedConv2D(2 * channels, (1, kernel_size), "A" if first else "B", name="horizontal")
-        self.link = layers.Conv2D(2 * channels, 1, name="vertical_to_horizontal")
-        self.skip = layers.Conv2D(channels, 1, name="skip")
-        self.residual = None if last else layers.Conv2D(channels, 1, name="residual")
-        self.position_h = layers.Dense(2 * channels, use_bias=False, name="position_horizontal")
-        self.position_v = None if last else layers.Dense(2 * channels, use_bias=False, name="position_vertical")
+        policy = self.dtype_policy
+        self.vertical = MaskedConv2D(2 * channels, (kernel_size, kernel_size), "V", name="vertical", dtype=policy)
+        self.horizontal = MaskedConv2D(2 * channels, (1, kernel_size), "A" if first else "B", name="horizontal",
+                                       dtype=policy)
+        self.link = layers.Conv2D(2 * channels, 1, name="vertical_to_horizontal", dtype=policy)
+        self.skip = layers.Conv2D(channels, 1, name="skip", dtype=policy)
+        self.residual = None if last else layers.Conv2D(channels, 1, name="residual", dtype=policy)
+        self.position_h = layers.Dense(2 * channels, use_bias=False, name="position_horizontal", dtype=policy)
+        self.position_v = (None if last else
+                           layers.Dense(2 * channels, use_bias=False, name="position_vertical", dtype=policy))
         if num_conditions:
-            self.condition_h = layers.Dense(2 * channels, use_bias=False, name="condition_horizontal")
+            self.condition_h = layers.Dense(2 * channels, use_bias=False, name="condition_horizontal", dtype=policy)
             if not last:
-                self.condition_v = layers.Dense(2 * channels, use_bias=False, name="condition_vertical")
+                self.condition_v = layers.Dense(2 * channels, use_bias=False, name="condition_vertical",
+                                                dtype=policy)
 
     def build(self, input_shape):  # input_shape: that of v, (N, H, W, C)
         shape = tuple(input_shape)
@@ -429,12 +447,13 @@ class PixelCNNPrior(keras.Model):
         self.num_embeddings, self.grid_shape = num_embeddings, tuple(grid_shape)
         self.channels, self.num_layers = channels, num_layers
         self.kernel_size, self.num_conditions = kernel_size, num_conditions
-        self.embedding = layers.Embedding(num_embeddings, channels, name="code_embedding")
+        policy = self.dtype_policy
+        self.embedding = layers.Embedding(num_embeddings, channels, name="code_embedding", dtype=policy)
         self.blocks = [GatedPixelCNNBlock(channels, kernel_size, first=i == 0, last=i == num_layers - 1,
-                                          num_conditions=num_conditions, name=f"gated{i}")
+                                          num_conditions=num_conditions, name=f"gated{i}", dtype=policy)
                        for i in range(num_layers)]
-        self.head_hidden = layers.Conv2D(channels, 1, name="head_hidden")
-        self.head_logits = layers.Conv2D(num_embeddings, 1, name="logits")
+        self.head_hidden = layers.Conv2D(channels, 1, name="head_hidden", dtype=policy)
+        self.head_logits = layers.Conv2D(num_embeddings, 1, name="logits", dtype="float32")  # softmax in float32
 
     def build(self, input_shape):  # (N, H, W), or [(N, H, W), (N, num_conditions)] when conditioned
         shape = tuple(input_shape[0] if self.num_conditions else input_shape)
@@ -474,6 +493,9 @@ class PixelCNNPrior(keras.Model):
         draw(logits (N, K), position (int scalar tensor, i * W + j)) -> (N,) int codes: the caller's sampling
         rule (a categorical draw with temperature and seed, or argmax). Everything else is keras.ops.
         """
+        if self.compute_dtype != "float32":
+            raise ValueError("sample() runs in float32; sample a float32 copy of a mixed-precision prior "
+                             "(utils.load_model(path, float32=True) gives one)")
         n, (height, width) = num_samples, self.grid_shape
         c = self.kernel_size // 2
         if self.num_conditions:

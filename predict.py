@@ -119,7 +119,7 @@ def bits_per_code(prior, codes: np.ndarray, batch_size: int = 64) -> float:
 
 def generate(run_dir: Path, config: utils.Config, vqvae, test_images: np.ndarray, test_codes: np.ndarray,
              num_samples: int, temperature: float, seed: int) -> dict:
-    prior = utils.load_model(run_dir / "prior.keras")
+    prior = utils.load_model(run_dir / "prior.keras", float32=True)  # sampled in full precision
     if prior.num_embeddings != vqvae.num_embeddings:
         raise UserError(f"{run_dir / 'prior.keras'} predicts {prior.num_embeddings} codes but the VQ-VAE has "
                         f"{vqvae.num_embeddings}; retrain the prior with `python train.py --stage prior --run {run_dir}`")
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.run) if args.run else utils.newest_run(args.runs_dir)
         config = utils.load_run_config(run_dir)
         print(f"run: {run_dir}")
-        vqvae = utils.load_model(run_dir / "vqvae.keras")
+        vqvae = utils.load_model(run_dir / "vqvae.keras", float32=True)  # evaluated in full precision
         data_dir = args.data_dir or config.data_dir
         images = dataset.load_images(dataset.split_files(data_dir, args.split), config.image_size)
         _, codes = evaluate_reconstruction(run_dir, config, vqvae, images, args.split, data_dir)

@@ -5,6 +5,11 @@
 
     python train.py --stage prior --run runs/NAME   # (re)train only the prior of an existing run
 
+Speed and scale (not part of the run's config; a resumed run may change them): --devices N trains on N GPUs
+with MirroredStrategy (default: every visible GPU); --mixed-precision computes in bfloat16/float16 with the
+quantizer, losses and outputs in float32 (default on with a GPU); --xla compiles the training step with XLA
+(default on with one GPU, off on CPU, where it measured slower: benchmarks/train_throughput.py).
+
 Stage 1 trains the VQ-VAE; stage 2 encodes the train and validation splits into code grids once and trains the
 PixelCNN prior on them. Run folder runs/NAME/: config.json, metrics.json; vqvae.keras, history.csv, ssim.png,
 losses.png, recon.png (stage 1); codes_train.npy, codes_validate.npy, prior.keras, prior_history.csv,
@@ -46,6 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="all: VQ-VAE then prior (default); vqvae: the VQ-VAE alone; prior: the prior of --run")
     parser.add_argument("--run", help="with --stage prior: the run folder whose VQ-VAE the prior is trained on")
     parser.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last completed epoch")
+    parser.add_argument("--devices", type=int, metavar="N",
+                        help="replicas for MirroredStrategy: the first N GPUs (default: all visible); on a machine "
+                             "without GPUs, N > 1 splits the CPU into N logical devices (for testing)")
+    parser.add_argument("--mixed-precision", choices=PRECISIONS, default="auto",
+                        help="auto (default): bfloat16 on GPUs that support it, float16 on older GPUs, off on CPU")
+    parser.add_argument("--xla", choices=("auto", "on", "off"), default="auto",
+                        help="XLA-compile the training step; auto (default): on with one GPU, off otherwise")
     utils.add_config_arguments(parser)
     return parser.parse_args(argv)
 
@@ -65,6 +77,75 @@ def prepare_data(config: Config, demo: bool) -> dict:
                                                      replace=False)
     train_sample = dataset.load_images([train_files[i] for i in sorted(pick)], config.image_size)
     return dict(train=train, num_train=len(train_files), val_images=val_images, train_sample=train_sample)
+
+
+PRECISIONS = ("auto", "off", "bfloat16", "float16")
+
+
+@dataclasses.dataclass
+class Hardware:
+    """Where and how the models train, set once per command from --devices, --mixed-precision and --xla."""
+
+    strategy: object  # a tf.distribute strategy: the default one, or MirroredStrategy over several devices
+    dtype: str  # the models' dtype policy: "float32", "mixed_bfloat16" or "mixed_float16"
+    jit_compile: bool
+    devices: list[str]
+
+    @property
+    def replicas(self) -> int:
+        return self.strategy.num_replicas_in_sync
+
+    def describe(self) -> str:
+        return (f"{self.replicas} replica(s) on {', '.join(self.devices)}; {self.dtype}; "
+                f"XLA {'on' if self.jit_compile else 'off'}")
+
+
+def setup_hardware(args: argparse.Namespace) -> Hardware:
+    """Picks the devices, the precision and XLA. Must run before TensorFlow touches a device (logical CPU split)."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    devices = args.devices if args.devices is not None else max(len(gpus), 1)
+    if devices < 1:
+        raise UserError(f"--devices must be 1 or more, got {devices}")
+    if gpus and devices > len(gpus):
+        raise UserError(f"--devices {devices} asks for more GPUs than the {len(gpus)} visible; pass --devices "
+                        f"{len(gpus)} or fewer")
+    names = [f"/gpu:{i}" if gpus else f"/cpu:{i}" for i in range(devices)]
+    if devices == 1:
+        strategy = tf.distribute.get_strategy()  # the default: no replication
+    elif gpus:
+        strategy = tf.distribute.MirroredStrategy(names)
+    else:  # no GPU: N logical CPUs share the same cores, which tests replication but does not speed anything up
+        try:
+            tf.config.set_logical_device_configuration(
+                tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * devices)
+        except RuntimeError:
+            raise UserError("--devices > 1 without a GPU splits the CPU, which must happen before TensorFlow "
+                            "starts; run train.py as its own process") from None
+        strategy = tf.distribute.MirroredStrategy(names)
+
+    precision = args.mixed_precision
+    if precision == "auto":
+        precision = gpu_precision(gpus[0]) if gpus else "off"
+    dtype = "float32" if precision == "off" else f"mixed_{precision}"
+    jit_compile = args.xla == "on" or (args.xla == "auto" and bool(gpus) and devices == 1)
+    return Hardware(strategy, dtype, jit_compile, names)
+
+
+def gpu_precision(gpu) -> str:
+    """bfloat16 where the GPU computes it natively (compute capability 8.0+: A100, H100, RTX 30xx on), else
+    float16 (with loss scaling, which Keras adds for mixed_float16)."""
+    import tensorflow as tf
+
+    capability = tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0))
+    return "bfloat16" if tuple(capability) >= (8, 0) else "float16"
+
+
+def check_batch_splits(batch_size: int, flag: str, hardware: Hardware) -> None:
+    if batch_size % hardware.replicas:
+        raise UserError(f"{flag} {batch_size} does not split evenly over {hardware.replicas} replicas; pass a "
+                        f"multiple of {hardware.replicas} (it is the global batch, shared by the replicas)")
 
 
 class EpochReport(keras.callbacks.Callback):
@@ -240,36 +321,50 @@ def fit_verbosity() -> int:
     return 1 if sys.stdout.isatty() else 2  # progress bars in a terminal, one line per epoch in a log file
 
 
-def new_vqvae(config: Config, steps_per_epoch: int):
-    """The VQ-VAE of a config, built and compiled for training (seeded: same seed, same initial weights)."""
+def new_vqvae(config: Config, steps_per_epoch: int, dtype: str = "float32", jit_compile: bool = False):
+    """The VQ-VAE of a config, built and compiled for training (seeded: same seed, same initial weights).
+    Call it inside a strategy's scope to train on several devices."""
     keras.utils.set_random_seed(config.seed)
-    model = modules.VQVAE(**config.vqvae_kwargs())
+    model = modules.VQVAE(**config.vqvae_kwargs(), dtype=dtype)
     model.build((None, config.image_size, config.image_size, 1))
     schedule = cosine_schedule(config.learning_rate, config.epochs, steps_per_epoch)
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss="mse",
-                  metrics=[keras.metrics.MeanSquaredError(name="mse")])
+                  metrics=[keras.metrics.MeanSquaredError(name="mse")], jit_compile=jit_compile)
     return model
 
 
-def new_prior(config: Config, steps_per_epoch: int):
+def new_prior(config: Config, steps_per_epoch: int, dtype: str = "float32", jit_compile: bool = False):
     """The PixelCNN prior of a config, built and compiled for training on code grids."""
     keras.utils.set_random_seed(config.seed)
-    prior = modules.PixelCNNPrior(**config.prior_kwargs())
+    prior = modules.PixelCNNPrior(**config.prior_kwargs(), dtype=dtype)
     prior.build((None, config.grid_size, config.grid_size))
     schedule = cosine_schedule(config.prior_learning_rate, config.prior_epochs, steps_per_epoch)
     prior.compile(optimizer=keras.optimizers.Adam(schedule),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit_compile)
     return prior
 
 
-def train_vqvae(config: Config, data: dict, run_dir: Path) -> dict:
+def stage_model(run_dir: Path, stage: str, epochs_done: int, build, hardware: Hardware):
+    """The model of a stage on the hardware: its checkpoint when resuming (with the weights, the optimizer state
+    and the precision it started with), else build(dtype, jit_compile)."""
+    with hardware.strategy.scope():  # variables created here are mirrored on every replica
+        if not epochs_done:
+            return build(hardware.dtype, hardware.jit_compile)
+        model = utils.load_model(run_dir / f"{stage}.keras")
+        model.jit_compile = hardware.jit_compile
+    if model.dtype_policy.name != hardware.dtype:
+        print(f"note: the {stage} checkpoint trains on in {model.dtype_policy.name}, the precision it started with")
+    return model
+
+
+def train_vqvae(config: Config, data: dict, run_dir: Path, hardware: Hardware) -> dict:
     """Trains (or, after a crash, continues) the VQ-VAE of run_dir, checkpointing every epoch."""
     epochs_done, _ = stage_state(run_dir, "vqvae")
+    steps_per_epoch = int(np.ceil(data["num_train"] / config.batch_size))
+    model = stage_model(run_dir, "vqvae", epochs_done,
+                        lambda dtype, jit: new_vqvae(config, steps_per_epoch, dtype, jit), hardware)
     if epochs_done:  # the checkpoint carries the weights and the optimizer state (moments, step, schedule)
-        model = utils.load_model(run_dir / "vqvae.keras")
         print(f"resuming the VQ-VAE after epoch {epochs_done} of {config.epochs}")
-    else:
-        model = new_vqvae(config, steps_per_epoch=int(np.ceil(data["num_train"] / config.batch_size)))
     floors = baseline_floors(data["val_images"], config.downsample)
     curves = CurveWriter(run_dir, "history.csv", [
         ("ssim.png", {"train_ssim": "train (sample)", "val_ssim": "validation"}, "mean SSIM",
@@ -323,17 +418,17 @@ def cached_codes(vqvae, config: Config, run_dir: Path, split: str) -> np.ndarray
     return codes
 
 
-def train_prior(config: Config, run_dir: Path) -> dict:
+def train_prior(config: Config, run_dir: Path, hardware: Hardware) -> dict:
     """Trains (or, after a crash, continues) the prior of run_dir on its cached codes, checkpointing every epoch."""
     vqvae = utils.load_model(run_dir / "vqvae.keras")
     codes = {split: cached_codes(vqvae, config, run_dir, split) for split in ("train", "validate")}
     utils.save_config(config, run_dir)  # only now: with --stage prior, a data error must leave the run as it was
     epochs_done, _ = stage_state(run_dir, "prior")
+    steps_per_epoch = int(np.ceil(len(codes["train"]) / config.prior_batch_size))
+    prior = stage_model(run_dir, "prior", epochs_done,
+                        lambda dtype, jit: new_prior(config, steps_per_epoch, dtype, jit), hardware)
     if epochs_done:
-        prior = utils.load_model(run_dir / "prior.keras")
         print(f"resuming the prior after epoch {epochs_done} of {config.prior_epochs}")
-    else:
-        prior = new_prior(config, steps_per_epoch=int(np.ceil(len(codes["train"]) / config.prior_batch_size)))
     curves = CurveWriter(run_dir, "prior_history.csv", [
         ("prior_loss.png", {"bits_per_code": "train", "val_bits_per_code": "validation"}, "NLL (bits per code)",
          "PixelCNN prior", None)], history=read_history(run_dir / "prior_history.csv", epochs_done))
@@ -410,6 +505,7 @@ def remove_stale_temporaries(run_dir: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> Path:
+    hardware = setup_hardware(args)  # first: splitting the CPU into logical devices must precede any TF work
     if args.resume:
         run_dir, config, stages = resumed_run(args)
     elif args.stage == "prior":
@@ -427,6 +523,9 @@ def run(args: argparse.Namespace) -> Path:
                                 f"or continue it with --resume {run_dir}")
             # the same command on the same run folder continues that run
     check_writable(run_dir if run_dir.exists() else run_dir.parent)
+    check_batch_splits(config.batch_size, "--batch-size", hardware)
+    check_batch_splits(config.prior_batch_size, "--prior-batch-size", hardware)
+    print(f"hardware: {hardware.describe()}")
     if run_dir.exists():
         remove_stale_temporaries(run_dir)
 
@@ -438,7 +537,7 @@ def run(args: argparse.Namespace) -> Path:
         try:
             utils.save_config(config, run_dir)
             utils.write_json(run_dir / PROGRESS, {"stages": stages, **read_progress(run_dir)})
-            train_vqvae(config, data, run_dir)
+            train_vqvae(config, data, run_dir, hardware)
         except BaseException:
             if created and not (run_dir / "vqvae.keras").exists():  # nothing worth keeping from this command
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -450,7 +549,7 @@ def run(args: argparse.Namespace) -> Path:
         if stage_state(run_dir, "prior")[1]:
             print(f"the prior of {run_dir} is trained already")
         else:
-            train_prior(config, run_dir)
+            train_prior(config, run_dir, hardware)
     print(f"run folder: {run_dir}")
     return run_dir
 

@@ -173,8 +173,9 @@ def load_run_config(run_dir: str | Path) -> Config:
         raise UserError(f"{path} is not valid JSON ({error}); restore it or train a new run") from None
 
 
-def load_model(path: Path):
-    """A .keras file of this project, with a clear error if it is missing or unreadable."""
+def load_model(path: Path, float32: bool = False):
+    """A .keras file of this project, with a clear error if it is missing or unreadable. float32=True gives a
+    full-precision copy of a model trained with mixed precision (for evaluation and sampling)."""
     import keras
 
     import modules  # noqa: F401  registers the custom classes for load_model
@@ -182,10 +183,21 @@ def load_model(path: Path):
     if not path.is_file():
         raise UserError(f"{path} does not exist; train that stage first (python train.py, see --help)")
     try:
-        return keras.saving.load_model(path)
+        model = keras.saving.load_model(path)
     except Exception as error:  # a truncated or foreign file
         raise UserError(f"cannot load {path} ({type(error).__name__}); the file is damaged or from another "
                         "tool, retrain that stage") from None
+    return full_precision(model) if float32 else model
+
+
+def full_precision(model):
+    """The model itself if it computes in float32, else a float32 copy with the same weights."""
+    if model.dtype_policy.name == "float32":
+        return model
+    copy = type(model).from_config({**model.get_config(), "dtype": "float32"})
+    copy.build_from_config(model.get_build_config())
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 TEMP_MARK = ".tmp-"  # in the names of atomic_write's temporary files: .NAME.tmp-XXXX.SUFFIX
