@@ -504,13 +504,14 @@ class PixelCNNPrior(keras.Model):
         # convolution, rows padded by c on top and columns by c on both sides.
         vertical = tuple(ops.zeros((n, height + c, width + 2 * c, self.channels)) for _ in self.blocks)
         codes = ops.zeros((n, height, width), "int32")
+        position_map = ops.convert_to_tensor(self.position)  # a tensor, not a variable: JAX slices only arrays
 
         def row_step(i, state):
             codes, vertical = state
             # The row above is final: push it through the vertical stack, one row per block.
             above = ops.maximum(i - 1, 0)
             v_row = self.embedding(ops.slice(codes, (0, above, 0), (n, 1, width)))  # (N, 1, W, C)
-            position_row = ops.slice(self.position, (above, 0, 0), (1, width, self.channels))  # (1, W, C)
+            position_row = ops.slice(position_map, (above, 0, 0), (1, width, self.channels))  # (1, W, C)
             vertical = list(vertical)
             links = []
             for l, block in enumerate(self.blocks):
@@ -522,13 +523,13 @@ class PixelCNNPrior(keras.Model):
                 links.append(ops.where(i > 0, link, ops.zeros_like(link)))  # row 0 has nothing above
                 if not block.last:
                     v_row = _gate(v_features + block.gate_terms(position_row, condition, 4, "vertical"))
-            codes = self._sample_row(i, codes, links, draw, condition)
+            codes = self._sample_row(i, codes, links, draw, condition, position_map)
             return codes, tuple(vertical)
 
         codes, _ = ops.fori_loop(0, height, row_step, (codes, vertical))
         return codes
 
-    def _sample_row(self, i, codes, links, draw, condition):
+    def _sample_row(self, i, codes, links, draw, condition, position_map):
         """Samples row i left to right; links[l] (N, W, 2C) carries the rows above into block l."""
         n, width = ops.shape(codes)[0], self.grid_shape[1]
         c = self.kernel_size // 2
@@ -538,7 +539,7 @@ class PixelCNNPrior(keras.Model):
         def column_step(j, state):
             codes, horizontal = state
             horizontal = list(horizontal)
-            position = ops.reshape(ops.slice(self.position, (i, j, 0), (1, 1, self.channels)), (1, -1))  # (1, C)
+            position = ops.reshape(ops.slice(position_map, (i, j, 0), (1, 1, self.channels)), (1, -1))  # (1, C)
             skips = 0.0
             for l, block in enumerate(self.blocks):
                 window = ops.slice(horizontal[l], (0, j, 0), (n, c + 1, self.channels))  # columns j-c .. j
