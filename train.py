@@ -387,7 +387,8 @@ def train_vqvae(config: Config, data: dict, run_dir: Path, hardware: Hardware) -
                                                   "reconstructions": val_recon[show]},
                           title=f"VQ-VAE reconstructions, mean validation SSIM {val_ssim:.3f}")
     seconds = curves.history["seconds"][-1]
-    metrics = {"epochs": config.epochs, "train_seconds": round(seconds, 1), "val_ssim": val_ssim,
+    metrics = {"epochs": config.epochs, "train_seconds": round(seconds, 1), "hardware": hardware.describe(),
+               "val_ssim": val_ssim,
                "val_ssim_floors": floors, "num_embeddings": config.num_embeddings,
                **{f"val_{k}": v for k, v in modules.codebook_usage(val_codes, config.num_embeddings).items()}}
     utils.update_metrics(run_dir, "vqvae", metrics)
@@ -440,6 +441,7 @@ def train_prior(config: Config, run_dir: Path, hardware: Hardware) -> dict:
     prior.fit(train_codes, train_codes, validation_data=(val_codes, val_codes), batch_size=config.prior_batch_size,
               initial_epoch=epochs_done, epochs=config.prior_epochs, callbacks=callbacks, verbose=fit_verbosity())
     metrics = {"epochs": config.prior_epochs, "train_seconds": round(curves.history["seconds"][-1], 1),
+               "hardware": hardware.describe(),
                "val_bits_per_code": curves.history["val_bits_per_code"][-1],
                "train_bits_per_code": curves.history["bits_per_code"][-1],
                "uniform_bits_per_code": float(np.log2(config.num_embeddings))}
