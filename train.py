@@ -388,8 +388,7 @@ def train_vqvae(config: Config, data: dict, run_dir: Path, hardware: Hardware) -
                           title=f"VQ-VAE reconstructions, mean validation SSIM {val_ssim:.3f}")
     seconds = curves.history["seconds"][-1]
     metrics = {"epochs": config.epochs, "train_seconds": round(seconds, 1), "hardware": hardware.describe(),
-               "val_ssim": val_ssim,
-               "val_ssim_floors": floors, "num_embeddings": config.num_embeddings,
+               "val_ssim": val_ssim, "val_ssim_floors": floors, "num_embeddings": config.num_embeddings,
                **{f"val_{k}": v for k, v in modules.codebook_usage(val_codes, config.num_embeddings).items()}}
     utils.update_metrics(run_dir, "vqvae", metrics)
     write_progress(run_dir, "vqvae", finished=True)
