@@ -71,7 +71,7 @@ class VectorQuantizer(layers.Layer):
 
     def embed(self, indices):
         """(...) int code indices -> (..., D) codebook vectors (float32)."""
-        return ops.take(ops.cast(self.embeddings, "float32"), ops.cast(indices, "int32"), axis=0)
+        return one_hot_lookup(ops.cast(self.embeddings, "float32"), indices)
 
     def nearest_codes(self, inputs):
         """(..., D) -> (nearest codes (..., D), indices (...)); no loss, no gradient trick."""
@@ -84,7 +84,8 @@ class VectorQuantizer(layers.Layer):
         flat = ops.reshape(ops.convert_to_tensor(inputs, "float32"), (-1, self.embedding_dim))
         used = ops.bincount(self.nearest_indices(flat), minlength=self.num_embeddings) > 0  # (K,)
         picks = keras.random.randint((self.num_embeddings,), 0, ops.shape(flat)[0], seed=seed)
-        self.embeddings.assign(ops.where(used[:, None], self.embeddings, ops.take(flat, picks, axis=0)))
+        codebook = ops.convert_to_tensor(self.embeddings)  # an array, not the variable: JAX refuses variables here
+        self.embeddings.assign(ops.where(used[:, None], codebook, ops.take(flat, picks, axis=0)))
         return int(self.num_embeddings - ops.sum(ops.cast(used, "int32")))
 
     def call(self, inputs):
@@ -101,6 +102,17 @@ class VectorQuantizer(layers.Layer):
     def get_config(self):
         return {**super().get_config(), "num_embeddings": self.num_embeddings,
                 "embedding_dim": self.embedding_dim, "commitment_cost": self.commitment_cost}
+
+
+def one_hot_lookup(table, indices):
+    """table[indices] for a (K, D) table and int indices (...) -> (..., D), computed as one_hot(indices) @ table.
+
+    The values are a gather's (each row times exactly 1, plus zeros), but the gradient is a dense matmul as well.
+    A gather's gradient is a scatter-add of every index into the table, and XLA's GPU scatter with 100k+ indices
+    colliding on a few hundred rows (a batch of code grids) made the compiled training step 165x slower.
+    """
+    one_hot = ops.one_hot(ops.cast(indices, "int32"), ops.shape(table)[0], dtype=table.dtype)  # (..., K)
+    return ops.matmul(one_hot, table)
 
 
 def codebook_usage(indices, num_embeddings: int) -> dict:
@@ -466,6 +478,10 @@ class PixelCNNPrior(keras.Model):
         self.head_hidden.build(features)
         self.head_logits.build(features)
 
+    def embed(self, codes):
+        """(...) int codes -> (..., C) code embeddings, by a one-hot matmul (its gradient has no scatter)."""
+        return one_hot_lookup(ops.cast(self.embedding.embeddings, self.compute_dtype), codes)
+
     def _split_inputs(self, inputs):
         if self.num_conditions:
             codes, condition = inputs
@@ -476,7 +492,7 @@ class PixelCNNPrior(keras.Model):
         codes, condition = self._split_inputs(inputs)
         if tuple(codes.shape[1:]) != self.grid_shape:
             raise ValueError(f"this prior models {self.grid_shape} code grids, got {tuple(codes.shape[1:])}")
-        v = h = self.embedding(ops.cast(codes, "int32"))  # (N, H, W, C)
+        v = h = self.embed(codes)  # (N, H, W, C)
         skips = 0.0
         for block in self.blocks:
             v, h, skip = block(v, h, self.position, condition)
@@ -510,7 +526,7 @@ class PixelCNNPrior(keras.Model):
             codes, vertical = state
             # The row above is final: push it through the vertical stack, one row per block.
             above = ops.maximum(i - 1, 0)
-            v_row = self.embedding(ops.slice(codes, (0, above, 0), (n, 1, width)))  # (N, 1, W, C)
+            v_row = self.embed(ops.slice(codes, (0, above, 0), (n, 1, width)))  # (N, 1, W, C)
             position_row = ops.slice(position_map, (above, 0, 0), (1, width, self.channels))  # (1, W, C)
             vertical = list(vertical)
             links = []
@@ -555,7 +571,7 @@ class PixelCNNPrior(keras.Model):
             logits = _dense(self.head_logits, ops.relu(_dense(self.head_hidden, ops.relu(skips))))  # (N, K)
             new = ops.cast(draw(logits, i * width + j), "int32")  # (N,)
             codes = ops.slice_update(codes, (0, i, j), new[:, None, None])
-            horizontal[0] = ops.slice_update(horizontal[0], (0, j + c, 0), self.embedding(new)[:, None])
+            horizontal[0] = ops.slice_update(horizontal[0], (0, j + c, 0), self.embed(new)[:, None])
             return codes, tuple(horizontal)
 
         codes, _ = ops.fori_loop(0, width, column_step, (codes, horizontal))

@@ -1,15 +1,56 @@
-"""Shared fixtures: a tiny demo set (built once per session) and tiny PNG trees."""
+"""Shared fixtures: a tiny demo set (built once per session) and tiny PNG trees; helpers that let the model
+tests run on either Keras backend (KERAS_BACKEND=jax runs them under JAX, as CI does)."""
 
+import contextlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import keras
 import numpy as np
 import pytest
 from PIL import Image
 
 import dataset
+
+
+BACKEND = keras.backend.backend()
+
+
+def gradients(fn, *args):
+    """The gradients of a scalar fn(*args) with respect to each of its tensor arguments, on the current backend."""
+    if BACKEND == "jax":
+        import jax
+
+        return jax.grad(fn, argnums=tuple(range(len(args))))(*args)
+    import tensorflow as tf
+
+    args = [tf.convert_to_tensor(a) for a in args]
+    with tf.GradientTape() as tape:
+        tape.watch(args)
+        value = fn(*args)
+    return tape.gradient(value, args)
+
+
+def compiled(fn):
+    """fn as one compiled graph on the current backend (jax.jit or tf.function)."""
+    if BACKEND == "jax":
+        import jax
+
+        return jax.jit(fn)
+    import tensorflow as tf
+
+    return tf.function(fn)
+
+
+def eager_loops():
+    """A context in which ops.fori_loop runs step by step with concrete values, so a callback can record them."""
+    if BACKEND == "jax":
+        import jax
+
+        return jax.disable_jit()
+    return contextlib.nullcontext()  # TensorFlow runs loops eagerly outside tf.function
 
 
 @pytest.fixture(scope="session")

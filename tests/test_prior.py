@@ -1,14 +1,14 @@
 """The PixelCNN prior as the papers define it: causal masks, no blind spot, a sampler that computes exactly what
-the full model computes, seeded and temperature-controlled sampling, and the metrics that judge samples."""
+the full model computes. Backend-agnostic: CI runs this file under TensorFlow and under JAX."""
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
-import predict
-import utils
+from conftest import eager_loops
 from modules import MaskedConv2D, PixelCNNPrior, pixelcnn_mask
+
+pytestmark = pytest.mark.any_backend
 
 K = 7
 
@@ -77,9 +77,10 @@ def test_fast_sampler_computes_the_same_logits_as_the_full_model(kernel_size, co
 
     def draw(logits, position):  # eager: records the logits the sampler used at each position
         seen[int(position)] = np.asarray(logits)
-        return tf.random.stateless_categorical(logits, 1, seed=[int(position), 3])[:, 0]
+        return keras.random.categorical(logits, 1, seed=int(position) + 3)[:, 0]
 
-    codes = np.asarray(prior.sample(2, draw, condition))
+    with eager_loops():
+        codes = np.asarray(prior.sample(2, draw, condition))
     full = np.asarray(prior([codes, condition] if conditions else codes))  # (2, 6, 7, K)
     assert sorted(seen) == list(range(42))
     for position, logits in seen.items():
@@ -94,18 +95,6 @@ def test_conditioning_changes_the_logits():
     assert not np.allclose(a, b)
 
 
-def test_sampler_shapes_range_seed_and_temperature():
-    prior = make_prior()
-    sample = lambda temperature, seed: predict.make_sampler(prior, 5, temperature, seed)().numpy()
-    codes = sample(1.0, 0)
-    assert codes.shape == (5, 6, 7) and codes.dtype == np.int32 and codes.min() >= 0 and codes.max() < K
-    np.testing.assert_array_equal(sample(1.0, 0), codes)  # same seed, same samples
-    assert not np.array_equal(sample(1.0, 1), codes)
-    greedy = sample(0.0, 0)
-    np.testing.assert_array_equal(greedy, np.asarray(prior(greedy)).argmax(-1))  # the argmax path
-    np.testing.assert_array_equal(sample(1e-4, 5), greedy)  # temperature -> 0 tends to it
-
-
 def test_prior_keras_round_trip(tmp_path):
     prior = make_prior(conditions=2)
     codes = np.random.default_rng(0).integers(0, K, (2, 6, 7))
@@ -114,27 +103,3 @@ def test_prior_keras_round_trip(tmp_path):
     loaded = keras.saving.load_model(tmp_path / "prior.keras")
     assert loaded.get_config() == prior.get_config()
     np.testing.assert_array_equal(np.asarray(loaded([codes, condition])), np.asarray(prior([codes, condition])))
-
-
-def test_bits_per_code_is_the_categorical_cross_entropy():
-    prior = make_prior()
-    codes = np.random.default_rng(0).integers(0, K, (3, 6, 7))
-    logits = np.asarray(prior(codes)).astype("float64")
-    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    expected = -np.take_along_axis(log_probs, codes[..., None], -1).mean() / np.log(2)
-    assert predict.bits_per_code(prior, codes, batch_size=2) == pytest.approx(expected, rel=1e-4)
-
-
-def test_nearest_ssim_matches_brute_force():
-    rng = np.random.default_rng(0)
-    pool = rng.random((12, 24, 24, 1)).astype("float32")
-    queries = np.concatenate([pool[:2] * 0.9, rng.random((2, 24, 24, 1)).astype("float32")])
-    brute = np.array([utils.ssim(np.repeat(q[None], len(pool), 0), pool).max() for q in queries])
-    np.testing.assert_allclose(utils.nearest_ssim(queries, pool, shortlist=12), brute, rtol=1e-5)
-    assert utils.nearest_ssim(pool[:3], pool, shortlist=2) == pytest.approx(1.0)  # a copy is found
-
-
-def test_brain_fraction():
-    images = np.zeros((2, 10, 10, 1), "float32")
-    images[0, :5] = 0.5
-    np.testing.assert_allclose(utils.brain_fraction(images), [0.5, 0.0])

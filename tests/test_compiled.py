@@ -1,0 +1,89 @@
+"""The compiled training steps as XLA receives them, and a tiny fit and sample on the current backend (CI runs this
+file under TensorFlow and under JAX).
+
+A gather's gradient is a scatter-add, which XLA runs hundreds of times slower on GPUs when a batch of code grids
+sends 100k+ indices into a few hundred rows: a training step 165x slower than it should be, invisible on a CPU.
+These tests read the lowered step instead of timing it, so the regression cannot come back unseen here.
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+
+import train
+import utils
+from conftest import BACKEND, compiled
+
+pytestmark = pytest.mark.any_backend
+
+CONFIG = dataclasses.replace(utils.Config(), image_size=32, hidden_channels=8, num_res_blocks=1, num_embeddings=16,
+                             embedding_dim=4, prior_channels=8, prior_layers=2, prior_kernel_size=3)
+
+
+def lowered_train_step(model, x, y) -> str:
+    """The text of a compiled Keras model's training step as handed to XLA (StableHLO under JAX, HLO under TF)."""
+    model.optimizer.build(model.trainable_variables)
+    if BACKEND == "jax":
+        import jax
+
+        state = tuple([v.value for v in variables] for variables in (
+            model.trainable_variables, model.non_trainable_variables, model.optimizer.variables,
+            model.metrics_variables))
+        return jax.jit(model.train_step).lower(state, (x, y)).as_text()
+    import tensorflow as tf
+
+    step = tf.function(lambda x, y: model.train_step((x, y)), jit_compile=True)
+    return step.experimental_get_compiler_ir(tf.constant(x), tf.constant(y))(stage="hlo")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+def test_no_scatter_in_the_compiled_vqvae_and_prior_training_steps(dtype):
+    images = np.random.default_rng(0).random((4, 32, 32, 1)).astype("float32")
+    vqvae = train.new_vqvae(CONFIG, steps_per_epoch=1, dtype=dtype)
+    text = lowered_train_step(vqvae, images, images)
+    assert "dot" in text and "scatter" not in text.lower()  # the lookup is a matmul, its gradient too
+
+    codes = np.random.default_rng(0).integers(0, CONFIG.num_embeddings, (4, 8, 8)).astype("int32")
+    prior = train.new_prior(CONFIG, steps_per_epoch=1, dtype=dtype)
+    text = lowered_train_step(prior, codes, codes)
+    assert "dot" in text and "scatter" not in text.lower()
+
+
+def test_the_check_sees_a_scatter_when_there_is_one():
+    """The test above could pass by reading the wrong text: a gather-gradient step must show a scatter."""
+
+    class Gather(keras.Model):
+        def build(self, input_shape):
+            self.table = self.add_weight(shape=(16, 4))
+
+        def call(self, indices):
+            return keras.ops.take(self.table, indices, axis=0)
+
+    model = Gather()
+    model.compile(optimizer="sgd", loss="mse")
+    model(np.zeros((2,), "int32"))
+    assert "scatter" in lowered_train_step(model, np.array([1, 3], "int32"), np.zeros((2, 4), "float32")).lower()
+
+
+def test_a_tiny_fit_with_codebook_restarts_then_a_compiled_sample():
+    rng = np.random.default_rng(0)
+    images = rng.random((16, 32, 32, 1)).astype("float32")
+    vqvae = train.new_vqvae(CONFIG, steps_per_epoch=4)
+    dead = np.asarray(vqvae.quantizer.embeddings.numpy()) + 100.0  # every code far away: none is picked
+    vqvae.quantizer.embeddings.assign(dead)
+    history = vqvae.fit(images, images, batch_size=4, epochs=2, verbose=0,
+                        callbacks=[train.RestartUnusedCodes(images, seed=0)])
+    assert np.all(np.isfinite(history.history["loss"]))
+    moved = np.abs(vqvae.quantizer.embeddings.numpy() - dead).max(axis=1) > 50.0
+    assert moved.sum() >= CONFIG.num_embeddings - 2  # the unused ones moved onto encoder outputs before epoch 2
+
+    codes = np.asarray(vqvae.encode(images)).astype("int32")  # (16, 8, 8)
+    prior = train.new_prior(CONFIG, steps_per_epoch=4)
+    prior.fit(codes, codes, batch_size=4, epochs=1, verbose=0)
+    greedy = np.asarray(compiled(lambda: prior.sample(3, lambda logits, position: keras.ops.argmax(logits, -1)))())
+    assert greedy.shape == (3, 8, 8)
+    # exact on this backend: a greedy sample is a fixed point of the full model's argmax
+    np.testing.assert_array_equal(np.asarray(keras.ops.argmax(prior(greedy), axis=-1)), greedy)
+    assert np.asarray(vqvae.decode(greedy)).shape == (3, 32, 32, 1)
