@@ -154,7 +154,7 @@ DEMO_MM_PER_PIXEL = 0.8  # makes the template brain fill the frame about as OASI
 DEMO_Z_RANGE = (-36.0, 68.0)  # mm, MNI z: from the temporal lobes to the upper cortex, as the OASIS slices span
 
 
-def _template() -> tuple[np.ndarray, np.ndarray]:
+def mni152_template() -> tuple[np.ndarray, np.ndarray]:
     """The 1 mm MNI152 T1 template (skull-stripped, in [0, 1]) and its tissue labels 0/85/170/255."""
     from nilearn import datasets
 
@@ -179,7 +179,7 @@ def _smooth_field(rng: np.random.Generator, shape: tuple, coarse: tuple, scale: 
     return field
 
 
-def _demo_subject(t1: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def demo_subject(t1: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic subject: (DEMO_SLICES, 256, 256) uint8 slices and their labels."""
     from scipy import ndimage
 
@@ -231,7 +231,7 @@ def make_demo(out_dir: str | Path, subjects: tuple[int, int, int] = (48, 6, 6), 
         raise UserError(f"{out_dir} already exists and is not empty; remove it or pick another folder")
     partial = out_dir.parent / f".{out_dir.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    t1, labels = _template()
+    t1, labels = mni152_template()
     case = 0
     for split, count in zip(SPLITS, subjects):
         image_dir = partial / f"keras_png_slices_{split}"
@@ -240,7 +240,7 @@ def make_demo(out_dir: str | Path, subjects: tuple[int, int, int] = (48, 6, 6), 
         seg_dir.mkdir(parents=True)
         for _ in range(count):
             case += 1
-            images, segs = _demo_subject(t1, labels, np.random.default_rng([seed, case]))
+            images, segs = demo_subject(t1, labels, np.random.default_rng([seed, case]))
             for i, (image, seg) in enumerate(zip(images, segs)):
                 Image.fromarray(image).save(image_dir / f"case_{case:03d}_slice_{i}.nii.png")
                 Image.fromarray(seg).save(seg_dir / f"seg_{case:03d}_slice_{i}.nii.png")

@@ -1,4 +1,5 @@
-"""The models: a VQ-VAE (van den Oord et al. 2017, "Neural Discrete Representation Learning").
+"""The models: a VQ-VAE (van den Oord et al. 2017, "Neural Discrete Representation Learning") and a gated PixelCNN
+prior over its code grid (van den Oord et al. 2016), with the builders that make them from a run's config.
 
 Backend-agnostic Keras 3: only `keras`, `keras.ops` and `keras.random` appear here, so the same file trains under
 TensorFlow (the scripts) and JAX (GPU checks with KERAS_BACKEND=jax). Every class is registered serializable with
@@ -8,7 +9,7 @@ Mixed precision: pass dtype="mixed_bfloat16" (or "mixed_float16") to VQVAE or Pi
 layer hands its dtype policy to the layers it creates; the quantizer, the decoder's output layer and the prior's
 logits stay float32, so code distances, the VQ losses, reconstructions and softmaxes are computed in full precision.
 
-Shapes at the defaults (256 px, downsample 4, D = 64, K = 512):
+Shapes at the OASIS preset (256 px, downsample 4, D = 64, K = 512):
     images (N, 256, 256, 1) -> Encoder -> z_e (N, 64, 64, 64) -> VectorQuantizer -> z_q (N, 64, 64, 64)
     -> Decoder -> reconstructions (N, 256, 256, 1); the code grid is the (N, 64, 64) int32 indices of z_q.
 """
@@ -115,15 +116,6 @@ def one_hot_lookup(table, indices):
     return ops.matmul(one_hot, table)
 
 
-def codebook_usage(indices, num_embeddings: int) -> dict:
-    """Perplexity (exp of the entropy of code frequencies: K when all codes are used equally, 1 when one code
-    takes everything) and the number of codes used at least once, over an array of indices."""
-    counts = ops.bincount(ops.reshape(ops.cast(indices, "int32"), (-1,)), minlength=num_embeddings)
-    probs = ops.cast(counts, "float32") / ops.cast(ops.maximum(ops.sum(counts), 1), "float32")
-    entropy = -ops.sum(probs * ops.log(ops.maximum(probs, 1e-12)))
-    return {"perplexity": float(ops.exp(entropy)), "codes_used": int(ops.sum(ops.cast(counts > 0, "int32")))}
-
-
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class ResidualBlock(layers.Layer):
     """x + conv1x1(relu(conv3x3(relu(x)))), the VQ-VAE paper's residual block."""
@@ -167,8 +159,7 @@ class Encoder(layers.Layer):
     """(N, H, W, 1) -> (N, H/f, W/f, D): log2(f) stride-2 4x4 convolutions, a 3x3 convolution, residual
     blocks, then a 1x1 convolution to the embedding dimension D."""
 
-    def __init__(self, downsample: int = 4, hidden_channels: int = 128, num_res_blocks: int = 2,
-                 embedding_dim: int = 64, **kwargs):
+    def __init__(self, downsample: int, hidden_channels: int, num_res_blocks: int, embedding_dim: int, **kwargs):
         super().__init__(**kwargs)
         _check_positive(hidden_channels=hidden_channels, embedding_dim=embedding_dim)
         self.downsample = downsample
@@ -207,7 +198,7 @@ class Decoder(layers.Layer):
     """(N, H/f, W/f, D) -> (N, H, W, 1): a 3x3 convolution, residual blocks, then log2(f) stride-2 transposed
     convolutions, the last one to a single linear channel (intensities; clip to [0, 1] for display)."""
 
-    def __init__(self, downsample: int = 4, hidden_channels: int = 128, num_res_blocks: int = 2, **kwargs):
+    def __init__(self, downsample: int, hidden_channels: int, num_res_blocks: int, **kwargs):
         super().__init__(**kwargs)
         _check_positive(hidden_channels=hidden_channels)
         self.downsample = downsample
@@ -245,8 +236,8 @@ class VQVAE(keras.Model):
     """Encoder -> VectorQuantizer -> Decoder. `call` returns reconstructions (the quantizer adds its loss);
     `encode` gives the code grid and `decode` maps a code grid back to images, which is what the prior samples."""
 
-    def __init__(self, downsample: int = 4, num_embeddings: int = 512, embedding_dim: int = 64,
-                 hidden_channels: int = 128, num_res_blocks: int = 2, commitment_cost: float = 0.25, **kwargs):
+    def __init__(self, downsample: int, num_embeddings: int, embedding_dim: int, hidden_channels: int,
+                 num_res_blocks: int, commitment_cost: float = 0.25, **kwargs):
         super().__init__(**kwargs)
         self.downsample = downsample
         self.num_embeddings = num_embeddings
@@ -445,12 +436,12 @@ class PixelCNNPrior(keras.Model):
     per position, the horizontal stack is computed at that position only, from cached left neighbours. The whole
     loop is ops.fori_loop, so it compiles into one graph (tf.function / jax.jit).
 
-    Example: PixelCNNPrior(num_embeddings=256, grid_shape=(32, 32)) maps codes (8, 32, 32) to logits
-    (8, 32, 32, 256); its position map is a learned (32, 32, channels) weight.
+    Example: PixelCNNPrior(num_embeddings=256, grid_shape=(32, 32), channels=48, num_layers=10, kernel_size=3)
+    maps codes (8, 32, 32) to logits (8, 32, 32, 256); its position map is a learned (32, 32, 48) weight.
     """
 
-    def __init__(self, num_embeddings: int = 512, grid_shape=(64, 64), channels: int = 128, num_layers: int = 12,
-                 kernel_size: int = 3, num_conditions: int = 0, **kwargs):
+    def __init__(self, num_embeddings: int, grid_shape, channels: int, num_layers: int, kernel_size: int,
+                 num_conditions: int = 0, **kwargs):
         super().__init__(**kwargs)
         _check_positive(num_embeddings=num_embeddings, channels=channels, num_layers=num_layers,
                         grid_height=grid_shape[0], grid_width=grid_shape[1])
@@ -586,3 +577,48 @@ class PixelCNNPrior(keras.Model):
 def _dense(conv1x1, x):
     """A built 1x1 Conv2D applied to (N, C) vectors: the same weights as on a feature map."""
     return ops.matmul(x, conv1x1.kernel[0, 0]) + conv1x1.bias
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Builders: the models of a configuration (utils.Config), used by train.py, predict.py and the benchmarks alike
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cosine_schedule(learning_rate: float, epochs: int, steps_per_epoch: int):
+    """Cosine decay to 5% of the initial rate over the whole run: the last epochs settle instead of jumping."""
+    return keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(epochs * steps_per_epoch, 1),
+                                                  alpha=0.05)
+
+
+def new_vqvae(config, steps_per_epoch: int, dtype: str = "float32", jit_compile: bool = False) -> VQVAE:
+    """The VQ-VAE of a config, built and compiled for training (seeded: same seed, same initial weights).
+    Call it inside a tf.distribute strategy's scope to train on several devices."""
+    keras.utils.set_random_seed(config.seed)
+    model = VQVAE(**config.vqvae_kwargs(), dtype=dtype)
+    model.build((None, config.image_size, config.image_size, 1))
+    schedule = cosine_schedule(config.learning_rate, config.epochs, steps_per_epoch)
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="mse",
+                  metrics=[keras.metrics.MeanSquaredError(name="mse")], jit_compile=jit_compile)
+    return model
+
+
+def new_prior(config, steps_per_epoch: int, dtype: str = "float32", jit_compile: bool = False) -> PixelCNNPrior:
+    """The PixelCNN prior of a config, built and compiled for training on code grids."""
+    keras.utils.set_random_seed(config.seed)
+    prior = PixelCNNPrior(**config.prior_kwargs(), dtype=dtype)
+    prior.build((None, config.grid_size, config.grid_size))
+    schedule = cosine_schedule(config.prior_learning_rate, config.prior_epochs, steps_per_epoch)
+    prior.compile(optimizer=keras.optimizers.Adam(schedule),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit_compile)
+    return prior
+
+
+def full_precision(model):
+    """The model itself if it computes in float32, else a float32 copy with the same weights (for evaluation and
+    sampling, which run in full precision)."""
+    if model.dtype_policy.name == "float32":
+        return model
+    copy = type(model).from_config({**model.get_config(), "dtype": "float32"})
+    copy.build_from_config(model.get_build_config())
+    copy.set_weights(model.get_weights())
+    return copy

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dataset  # noqa: E402
-import train  # noqa: E402
+import modules  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     first, cached = len(files) / first_s, len(files) / cached_s
     print(f"pipeline, first pass (decode): {first:,.0f} images/s; from the cache: {cached:,.0f} images/s")
 
-    model = train.new_vqvae(config, steps_per_epoch=len(files) // config.batch_size)
+    model = modules.new_vqvae(config, steps_per_epoch=len(files) // config.batch_size)
     model.fit(pipeline.take(2), verbose=0, shuffle=False)  # build and compile the training step first
     batches = min(args.train_batches, len(files) // config.batch_size)
     step = 0.0

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import train  # noqa: E402  (imports no TensorFlow at import time; its model builders are backend-agnostic)
+import modules  # noqa: E402
 import utils  # noqa: E402
 
 OASIS_TRAIN_SLICES = 9664
@@ -69,14 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     size, grid = config.image_size, config.grid_size
     coarse = rng.random((args.batch, size // 16, size // 16, 1)).astype("float32")
     images = np.repeat(np.repeat(coarse, 16, axis=1), 16, axis=2)  # (B, size, size, 1) blocky images in [0, 1]
-    vqvae = train.new_vqvae(config, steps_per_epoch=100, dtype=args.dtype, jit_compile=True)
+    vqvae = modules.new_vqvae(config, steps_per_epoch=100, dtype=args.dtype, jit_compile=True)
     first, step = time_fit(vqvae, images, images, args.steps, args.rounds)
     vqvae_rate = args.batch / step
     print(f"VQ-VAE ({vqvae.count_params():,} parameters, {size} px, batch {args.batch}): first step {first:.1f} s, "
           f"then {vqvae_rate:,.0f} images/s -> {OASIS_TRAIN_SLICES / vqvae_rate:.1f} s per OASIS epoch")
 
     codes = rng.integers(0, config.num_embeddings, (args.prior_batch, grid, grid)).astype("int32")
-    prior = train.new_prior(config, steps_per_epoch=100, dtype=args.dtype, jit_compile=True)
+    prior = modules.new_prior(config, steps_per_epoch=100, dtype=args.dtype, jit_compile=True)
     first, step = time_fit(prior, codes, codes, args.steps, args.rounds)
     prior_rate = args.prior_batch / step
     print(f"prior ({prior.count_params():,} parameters, {grid}x{grid} grid, batch {args.prior_batch}): first step "
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
               "prior_grids_per_s": round(prior_rate, 1),
               "prior_s_per_oasis_epoch": round(OASIS_TRAIN_SLICES / prior_rate, 1)}
     if args.samples:
-        sampler_prior = utils.full_precision(prior)  # sampling runs in float32
+        sampler_prior = modules.full_precision(prior)  # sampling runs in float32
 
         @jax.jit
         def sample(key):

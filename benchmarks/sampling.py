@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.run:
-        prior = utils.load_model(Path(args.run) / "prior.keras", float32=True)
+        prior = utils.Run.open(args.run).stage("prior").load_model(float32=True)
         source = args.run
     else:
         config = utils.Config(**utils.DEMO_PRESET)

@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     variance = float(np.var(images))
     print(f"(a) training images/s at {oasis.image_size} px, batch {args.batch}, {args.rounds} rounds of "
           f"{args.steps} steps")
-    models = {"project_xla": train.new_vqvae(oasis, steps_per_epoch=100, jit_compile=True),
-              "project_no_xla": train.new_vqvae(oasis, steps_per_epoch=100, jit_compile=False),
+    models = {"project_xla": modules.new_vqvae(oasis, steps_per_epoch=100, jit_compile=True),
+              "project_no_xla": modules.new_vqvae(oasis, steps_per_epoch=100, jit_compile=False),
               "keras_example": keras_example_vqvae(oasis.image_size, variance)}
     parameters = {name: model.count_params() for name, model in models.items()}
     print(f"  parameters: project {parameters['project_xla']:,}, Keras example {parameters['keras_example']:,}")
@@ -139,12 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     test_images = dataset.load_images(dataset.split_files(args.data_dir, "test"), demo.image_size)
     train_sample = dataset.load_images(train_files[::6], demo.image_size)
     variance = float(np.var(np.concatenate([x for x, _ in data])))
-    floors = train.baseline_floors(test_images, demo.downsample)
+    floors = {name: float(np.mean(utils.ssim(test_images, images)))
+              for name, images in utils.floor_images(test_images, demo.downsample).items()}
     print(f"(b) test SSIM after {args.budget:.0f} s of training on {len(train_files)} demo slices at "
           f"{demo.image_size} px, batch {demo.batch_size} (floors: "
           + ", ".join(f"{k} {v:.3f}" for k, v in floors.items()) + ")")
     steps_per_epoch = int(np.ceil(len(train_files) / demo.batch_size))
-    project = train.new_vqvae(demo, steps_per_epoch)  # XLA off: train.py's default on CPU, measured in (a)
+    project = modules.new_vqvae(demo, steps_per_epoch)  # XLA off: train.py's default on CPU, measured in (a)
     project_ssim, project_steps = ssim_after_budget(project, data, test_images, args.budget,
                                                     [train.RestartUnusedCodes(train_sample, demo.seed)])
     print(f"  project demo preset: SSIM {project_ssim:.4f} after {project_steps} steps")

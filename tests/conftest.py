@@ -53,6 +53,22 @@ def eager_loops():
     return contextlib.nullcontext()  # TensorFlow runs loops eagerly outside tf.function
 
 
+# The smallest settings that train both stages end to end: 32 px images, 8x8 code grids, a few hundred weights.
+TINY = ["--image-size", "32", "--hidden-channels", "8", "--num-res-blocks", "1", "--num-embeddings", "16",
+        "--embedding-dim", "4", "--batch-size", "16", "--prior-channels", "8", "--prior-layers", "2",
+        "--prior-kernel-size", "3"]
+
+
+@pytest.fixture
+def tiny_args(demo_dir):
+    """tiny_args(runs, name, *extra) -> train.py flags for a tiny run on the tiny demo set."""
+
+    def make(runs, name, *extra):
+        return ["--data-dir", str(demo_dir), "--runs-dir", str(runs), "--name", name, *TINY, *extra]
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """The demo set at its smallest: 2 train, 1 validation and 1 test subject (128 slices)."""

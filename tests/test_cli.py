@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +13,17 @@ from PIL import Image
 import dataset
 import predict
 import train
-import utils
+from conftest import TINY
+from utils import Run
 
-TINY = ["--image-size", "32", "--hidden-channels", "8", "--num-res-blocks", "1", "--num-embeddings", "16",
-        "--embedding-dim", "4", "--batch-size", "16", "--prior-channels", "8", "--prior-layers", "2",
-        "--prior-kernel-size", "3", "--prior-epochs", "2"]
+pytestmark = pytest.mark.slow  # the module trains one tiny run end to end
 
 
 @pytest.fixture(scope="module")
 def tiny_run(demo_dir, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    args = ["--data-dir", str(demo_dir), "--runs-dir", str(runs), "--name", "tiny", "--epochs", "2", *TINY]
+    args = ["--data-dir", str(demo_dir), "--runs-dir", str(runs), "--name", "tiny", "--epochs", "2", *TINY,
+            "--prior-epochs", "2"]
     assert train.main(args) == 0
     return runs / "tiny"
 
@@ -33,7 +34,7 @@ def test_train_writes_a_complete_run_folder(tiny_run):
                  "prior_loss.png"]:
         assert (tiny_run / name).is_file(), name
     assert not list(tiny_run.glob(".*")), "temporary files left behind"
-    config = utils.load_run_config(tiny_run)
+    config = Run.open(tiny_run).read_config()
     assert (config.image_size, config.num_embeddings, config.epochs) == (32, 16, 2)
     rows = list(csv.DictReader(open(tiny_run / "history.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
@@ -42,7 +43,7 @@ def test_train_writes_a_complete_run_folder(tiny_run):
         assert 1 <= float(row["val_codes_used"]) <= 16
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert metrics["vqvae"]["val_ssim"] == pytest.approx(float(rows[-1]["val_ssim"]), abs=1e-5)
-    assert set(metrics["vqvae"]["val_ssim_floors"]) == {"all-black", "bilinear x4 down/up"}
+    assert set(metrics["vqvae"]["val_ssim_floors"]) == {"all_black", "bilinear_x4"}  # as in "reconstruction"
     codes = np.load(tiny_run / "codes_train.npy")
     assert codes.shape == (64, 8, 8) and 0 <= codes.min() and codes.max() < 16  # 2 subjects x 32 slices
     prior_rows = list(csv.DictReader(open(tiny_run / "prior_history.csv")))
@@ -53,9 +54,10 @@ def test_train_writes_a_complete_run_folder(tiny_run):
 
 
 def test_config_round_trips_through_json(tiny_run):
-    config = utils.load_run_config(tiny_run)
-    utils.save_config(config, tiny_run)
-    assert utils.load_run_config(tiny_run) == config
+    run = Run.open(tiny_run)
+    config = run.read_config()
+    run.write_config(config)
+    assert run.read_config() == config
 
 
 def test_predict_rebuilds_from_the_run_folder_reports_baselines_and_generates(tiny_run, capsys):
@@ -120,7 +122,8 @@ def test_existing_run_name_is_refused_and_left_untouched(tiny_run, demo_dir, cap
     before = (tiny_run / "vqvae.keras").read_bytes()
     args = ["--data-dir", str(demo_dir), "--runs-dir", str(tiny_run.parent), "--name", "tiny", *TINY]
     assert train.main(args) == 2
-    assert "already exists" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already exists" in err and f"--resume {tiny_run}" in err  # says what to type
     assert (tiny_run / "vqvae.keras").read_bytes() == before
 
 
@@ -130,39 +133,59 @@ def vqvae_only_copy(tiny_run, dest, names=("config.json", "vqvae.keras")):
     for name in names:
         (dest / name).write_bytes((tiny_run / name).read_bytes())
     progress = json.loads((tiny_run / "progress.json").read_text())
-    (dest / "progress.json").write_text(json.dumps({"stages": "vqvae", "vqvae": progress["vqvae"]}))
+    (dest / "progress.json").write_text(json.dumps({"stages": ["vqvae"], "vqvae": progress["vqvae"]}))
     return dest
 
 
-def test_prior_stage_needs_a_run_with_a_vqvae_and_no_prior(tiny_run, tmp_path, capsys):
+def test_the_prior_stage_is_reached_through_resume(tiny_run, tmp_path, capsys):
     assert train.main(["--stage", "prior"]) == 2
-    assert "pass --run" in capsys.readouterr().err
+    assert "add --resume runs/NAME" in capsys.readouterr().err
+    assert train.main(["--stage", "prior", "--run", str(tiny_run)]) == 2  # the old way says what to type now
+    assert f"python train.py --resume {tiny_run} --stage prior" in capsys.readouterr().err
     empty = tmp_path / "empty_run"
     empty.mkdir()
-    utils.save_config(utils.load_run_config(tiny_run), empty)
-    assert train.main(["--stage", "prior", "--run", str(empty)]) == 2
+    Run(empty).write_config(Run.open(tiny_run).read_config())
+    assert train.main(["--resume", str(empty), "--stage", "prior"]) == 2
     assert "no trained VQ-VAE" in capsys.readouterr().err
+
+
+def test_a_finished_prior_is_kept_unless_retrain_is_asked_for(tiny_run, tmp_path, capsys):
     before = (tiny_run / "prior.keras").read_bytes()
-    assert train.main(["--stage", "prior", "--run", str(tiny_run)]) == 2
-    assert "already has a trained prior" in capsys.readouterr().err
-    assert (tiny_run / "prior.keras").read_bytes() == before
+    assert train.main(["--resume", str(tiny_run), "--stage", "prior", "--prior-layers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "drop --prior-layers" in err and "--retrain" in err
+    assert train.main(["--resume", str(tiny_run), "--stage", "prior"]) == 0
+    assert "trained already" in capsys.readouterr().out and (tiny_run / "prior.keras").read_bytes() == before
+    assert train.main(["--resume", str(tiny_run), "--retrain"]) == 2
+    assert "add --stage prior" in capsys.readouterr().err
+
+    run = tmp_path / "retrained"
+    shutil.copytree(tiny_run, run)
+    assert train.main(["--resume", str(run), "--stage", "prior", "--retrain", "--prior-layers", "1",
+                       "--prior-epochs", "1"]) == 0
+    assert "retraining the prior" in capsys.readouterr().out
+    assert Run.open(run).read_config().prior_layers == 1
+    assert Run.open(run).stage("prior").load_model().num_layers == 1
+    rows = list(csv.DictReader(open(run / "prior_history.csv")))
+    assert [r["epoch"] for r in rows] == ["1"]  # a new history, not the old one continued
+    assert Run.open(run).stage("vqvae").checkpoint.read_bytes() == (tiny_run / "vqvae.keras").read_bytes()
 
 
-def test_prior_stage_trains_the_prior_of_an_existing_run(tiny_run, tmp_path, capsys):
+def test_resume_trains_the_prior_of_a_run_whose_vqvae_is_trained(tiny_run, tmp_path, capsys):
     run = vqvae_only_copy(tiny_run, tmp_path / "copy",
                           ["config.json", "vqvae.keras", "codes_train.npy", "codes_validate.npy"])
-    assert train.main(["--stage", "prior", "--run", str(run), "--image-size", "64"]) == 2
-    assert "belongs to the VQ-VAE" in capsys.readouterr().err
-    assert train.main(["--stage", "prior", "--run", str(run), "--prior-epochs", "1", "--prior-layers", "1"]) == 0
-    assert utils.load_run_config(run).prior_layers == 1
-    assert utils.load_model(run / "prior.keras").num_layers == 1
+    assert train.main(["--resume", str(run), "--stage", "prior", "--image-size", "64"]) == 2
+    assert "drop --image-size" in capsys.readouterr().err
+    assert train.main(["--resume", str(run), "--stage", "prior", "--prior-epochs", "1", "--prior-layers", "1"]) == 0
+    assert Run.open(run).read_config().prior_layers == 1
+    assert Run.open(run).stage("prior").load_model().num_layers == 1
 
 
 def test_predict_refuses_a_prior_of_another_codebook_size(tiny_run, tmp_path, capsys):
     import modules
 
     run = vqvae_only_copy(tiny_run, tmp_path / "mismatch")
-    prior = modules.PixelCNNPrior(num_embeddings=32, grid_shape=(8, 8), channels=4, num_layers=1)
+    prior = modules.PixelCNNPrior(num_embeddings=32, grid_shape=(8, 8), channels=4, num_layers=1, kernel_size=3)
     prior.build((None, 8, 8))
     prior.save(run / "prior.keras")
     assert predict.main(["--run", str(run), "--num-samples", "1"]) == 2
@@ -173,7 +196,7 @@ def test_predict_refuses_a_prior_of_another_codebook_size(tiny_run, tmp_path, ca
 def test_failed_prior_stage_leaves_the_run_as_it_was(tiny_run, tmp_path, capsys):
     run = vqvae_only_copy(tiny_run, tmp_path / "no_codes")
     before = {p.name: p.read_bytes() for p in run.iterdir()}
-    assert train.main(["--stage", "prior", "--run", str(run), "--data-dir", str(tmp_path / "gone"),
+    assert train.main(["--resume", str(run), "--stage", "prior", "--data-dir", str(tmp_path / "gone"),
                        "--prior-layers", "3"]) == 2
     assert "gone does not exist" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 
+import modules
 import train
 import utils
 from conftest import BACKEND, compiled
@@ -41,12 +42,12 @@ def lowered_train_step(model, x, y) -> str:
 @pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
 def test_no_scatter_in_the_compiled_vqvae_and_prior_training_steps(dtype):
     images = np.random.default_rng(0).random((4, 32, 32, 1)).astype("float32")
-    vqvae = train.new_vqvae(CONFIG, steps_per_epoch=1, dtype=dtype)
+    vqvae = modules.new_vqvae(CONFIG, steps_per_epoch=1, dtype=dtype)
     text = lowered_train_step(vqvae, images, images)
     assert "dot" in text and "scatter" not in text.lower()  # the lookup is a matmul, its gradient too
 
     codes = np.random.default_rng(0).integers(0, CONFIG.num_embeddings, (4, 8, 8)).astype("int32")
-    prior = train.new_prior(CONFIG, steps_per_epoch=1, dtype=dtype)
+    prior = modules.new_prior(CONFIG, steps_per_epoch=1, dtype=dtype)
     text = lowered_train_step(prior, codes, codes)
     assert "dot" in text and "scatter" not in text.lower()
 
@@ -70,7 +71,7 @@ def test_the_check_sees_a_scatter_when_there_is_one():
 def test_a_tiny_fit_with_codebook_restarts_then_a_compiled_sample():
     rng = np.random.default_rng(0)
     images = rng.random((16, 32, 32, 1)).astype("float32")
-    vqvae = train.new_vqvae(CONFIG, steps_per_epoch=4)
+    vqvae = modules.new_vqvae(CONFIG, steps_per_epoch=4)
     dead = np.asarray(vqvae.quantizer.embeddings.numpy()) + 100.0  # every code far away: none is picked
     vqvae.quantizer.embeddings.assign(dead)
     history = vqvae.fit(images, images, batch_size=4, epochs=2, verbose=0,
@@ -80,7 +81,7 @@ def test_a_tiny_fit_with_codebook_restarts_then_a_compiled_sample():
     assert moved.sum() >= CONFIG.num_embeddings - 2  # the unused ones moved onto encoder outputs before epoch 2
 
     codes = np.asarray(vqvae.encode(images)).astype("int32")  # (16, 8, 8)
-    prior = train.new_prior(CONFIG, steps_per_epoch=4)
+    prior = modules.new_prior(CONFIG, steps_per_epoch=4)
     prior.fit(codes, codes, batch_size=4, epochs=1, verbose=0)
     greedy = np.asarray(compiled(lambda: prior.sample(3, lambda logits, position: keras.ops.argmax(logits, -1)))())
     assert greedy.shape == (3, 8, 8)

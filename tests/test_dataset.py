@@ -123,6 +123,9 @@ def test_train_cli_reports_bad_data_in_one_line_with_exit_2_and_creates_no_run(t
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert "case_000_slice_0.nii.png" in line
     assert not (tmp_path / "runs").exists()
+    # a quiet start: none of TensorFlow's C++ start-up lines ("failed call to cuInit" without a GPU), our words only
+    assert result.stderr.splitlines() == [line]
+    assert result.stdout.splitlines()[0] == "no GPU found: training runs on the CPU"
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -167,9 +170,9 @@ def test_demo_set_is_deterministic_oasis_shaped_and_keeps_subjects_in_one_split(
 
 
 def test_demo_differs_with_seed(tmp_path):
-    template = dataset._template()
-    a = dataset._demo_subject(*template, np.random.default_rng([0, 1]))[0]
-    b = dataset._demo_subject(*template, np.random.default_rng([1, 1]))[0]
+    template = dataset.mni152_template()
+    a = dataset.demo_subject(*template, np.random.default_rng([0, 1]))[0]
+    b = dataset.demo_subject(*template, np.random.default_rng([1, 1]))[0]
     assert a.shape == (dataset.DEMO_SLICES, 256, 256) and np.mean(a != b) > 0.1
 
 
@@ -194,7 +197,7 @@ def test_a_folder_of_rgb_or_16_bit_pngs_trains(tmp_path, kind):
     assert (tmp_path / "runs" / kind / "vqvae.keras").is_file()
 
 
-def test_prior_stage_on_a_missing_run_folder(tmp_path, capsys):
-    assert train.main(["--stage", "prior", "--run", str(tmp_path / "nope")]) == 2
+def test_resume_of_a_missing_run_folder(tmp_path, capsys):
+    assert train.main(["--resume", str(tmp_path / "nope"), "--stage", "prior"]) == 2
     err = capsys.readouterr().err
     assert "nope does not exist" in err and err.count("\n") == 1

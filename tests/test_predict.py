@@ -1,4 +1,5 @@
-"""predict.py's pieces: seeded, temperature-controlled sampling, and the metrics that judge samples."""
+"""predict.py's pieces: seeded, temperature-controlled sampling; and the metrics (utils.py) that judge
+reconstructions and samples, each against an independent computation."""
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ def test_bits_per_code_is_the_categorical_cross_entropy():
     logits = np.asarray(prior(codes)).astype("float64")
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     expected = -np.take_along_axis(log_probs, codes[..., None], -1).mean() / np.log(2)
-    assert predict.bits_per_code(prior, codes, batch_size=2) == pytest.approx(expected, rel=1e-4)
+    assert utils.bits_per_code(prior, codes, batch_size=2) == pytest.approx(expected, rel=1e-4)
 
 
 def test_nearest_ssim_matches_brute_force():
@@ -42,3 +43,23 @@ def test_brain_fraction():
     images = np.zeros((2, 10, 10, 1), "float32")
     images[0, :5] = 0.5
     np.testing.assert_allclose(utils.brain_fraction(images), [0.5, 0.0])
+
+
+def test_codebook_usage_perplexity():
+    assert utils.codebook_usage(np.arange(8), 8) == pytest.approx({"perplexity": 8.0, "codes_used": 8})
+    assert utils.codebook_usage(np.zeros(50, int), 8) == pytest.approx({"perplexity": 1.0, "codes_used": 1})
+
+
+def test_ssim_psnr_and_the_bilinear_floor_equal_tensorflows():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    a = rng.random((5, 40, 36, 1)).astype("float32")
+    b = np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1).astype("float32")
+    np.testing.assert_allclose(utils.ssim(a, b), tf.image.ssim(a, b, max_val=1.0).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(utils.psnr(a, b), tf.image.psnr(a, b, max_val=1.0).numpy(), rtol=1e-5)
+    assert utils.ssim(a, a) == pytest.approx(np.ones(5))
+    images = rng.random((3, 32, 32, 1)).astype("float32")
+    small = tf.image.resize(images, (8, 8), method="bilinear", antialias=True)
+    expected = np.clip(tf.image.resize(small, (32, 32), method="bilinear").numpy(), 0, 1)
+    np.testing.assert_allclose(utils.bilinear_baseline(images, 4), expected, atol=1e-6)

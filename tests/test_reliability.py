@@ -1,6 +1,6 @@
-"""Runs survive crashes: kill -9 at any moment and the same command continues from the last completed epoch;
-a death in the middle of a checkpoint write leaves the previous checkpoint; a diverging loss stops with one
-line; the same seed gives the same numbers; an unwritable output folder is refused before any work."""
+"""Runs survive crashes: kill -9 at any moment and --resume continues from the last completed epoch; a death in
+the middle of a checkpoint write leaves the previous checkpoint; a diverging loss stops with one line; the same
+seed gives the same numbers; an unwritable output folder is refused before any work."""
 
 import csv
 import json
@@ -16,14 +16,7 @@ import pytest
 
 import train
 import utils
-
-TINY = ["--image-size", "32", "--hidden-channels", "8", "--num-res-blocks", "1", "--num-embeddings", "16",
-        "--embedding-dim", "4", "--batch-size", "16", "--prior-channels", "8", "--prior-layers", "2",
-        "--prior-kernel-size", "3"]
-
-
-def command(demo_dir, runs, name, *extra):
-    return ["--data-dir", str(demo_dir), "--runs-dir", str(runs), "--name", name, *TINY, *extra]
+from utils import Run
 
 
 def history(path):
@@ -40,14 +33,15 @@ def check_complete(run, vqvae_epochs, prior_epochs):
         assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1)), name
         seconds = [float(r["seconds"]) for r in rows]
         assert seconds == sorted(seconds), f"{name}: time runs backwards"
-    assert utils.load_model(run / "vqvae.keras").num_embeddings == 16
-    assert utils.load_model(run / "prior.keras").num_layers == 2
+    assert Run.open(run).stage("vqvae").load_model().num_embeddings == 16
+    assert Run.open(run).stage("prior").load_model().num_layers == 2
     assert not list(run.glob(f".*{utils.TEMP_MARK}*")), "temporary files left behind"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, after_epochs", [("vqvae", 1), ("vqvae", 3), ("prior", 1)])
-def test_kill_9_then_the_same_command_continues(demo_dir, tmp_path, stage, after_epochs):
-    args = command(demo_dir, tmp_path / "runs", "killed", "--epochs", "5", "--prior-epochs", "3")
+def test_kill_9_then_resume_continues(tiny_args, tmp_path, stage, after_epochs):
+    args = tiny_args(tmp_path / "runs", "killed", "--epochs", "5", "--prior-epochs", "3")
     script = str(Path(train.__file__))
     run = tmp_path / "runs" / "killed"
     process = subprocess.Popen([sys.executable, script, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -65,22 +59,26 @@ def test_kill_9_then_the_same_command_continues(demo_dir, tmp_path, stage, after
     process.wait()
     done = json.loads((run / "progress.json").read_text())[stage]["epochs_done"]
     assert after_epochs <= done < (5 if stage == "vqvae" else 3)
-    utils.load_model(run / f"{stage}.keras")  # the checkpoint on disk is whole
+    Run.open(run).stage(stage).load_model()  # the checkpoint on disk is whole
 
-    resumed = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300)
+    again = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and f"--resume {run}" in again.stderr  # the same command says what to type
+    resumed = subprocess.run([sys.executable, script, "--resume", str(run)], capture_output=True, text=True,
+                             timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming the {'VQ-VAE' if stage == 'vqvae' else 'prior'} after epoch {done}" in resumed.stdout
     check_complete(run, 5, 3)
 
 
-def test_death_during_a_checkpoint_write_keeps_the_previous_checkpoint(demo_dir, tmp_path, monkeypatch):
-    args = command(demo_dir, tmp_path / "runs", "torn", "--epochs", "3", "--prior-epochs", "1")
+@pytest.mark.slow
+def test_death_during_a_checkpoint_write_keeps_the_previous_checkpoint(tiny_args, tmp_path, monkeypatch):
+    args = tiny_args(tmp_path / "runs", "torn", "--epochs", "3", "--prior-epochs", "1")
     run = tmp_path / "runs" / "torn"
-    real_save = train.save_model
+    real_save = utils.Stage.save_checkpoint
     calls = []
 
-    def dies_halfway_through_the_second_save(model, path):
-        calls.append(path)
+    def dies_halfway_through_the_second_save(stage, model, epochs_done):
+        calls.append(epochs_done)
         if len(calls) == 2:
             def write_half_then_die(tmp):
                 model.save(tmp)
@@ -88,40 +86,41 @@ def test_death_during_a_checkpoint_write_keeps_the_previous_checkpoint(demo_dir,
                 Path(tmp).write_bytes(data[: len(data) // 2])
                 raise KeyboardInterrupt("killed during the checkpoint write")
 
-            utils.atomic_write(path, write_half_then_die)
-        real_save(model, path)
+            utils.atomic_write(stage.checkpoint, write_half_then_die)
+        real_save(stage, model, epochs_done)
 
-    monkeypatch.setattr(train, "save_model", dies_halfway_through_the_second_save)
+    monkeypatch.setattr(utils.Stage, "save_checkpoint", dies_halfway_through_the_second_save)
     with pytest.raises(KeyboardInterrupt):
         train.main(args)
     assert json.loads((run / "progress.json").read_text())["vqvae"]["epochs_done"] == 1
-    utils.load_model(run / "vqvae.keras")  # epoch 1's checkpoint, whole
+    Run.open(run).stage("vqvae").load_model()  # epoch 1's checkpoint, whole
     (run / f".vqvae{utils.TEMP_MARK}stale.keras").write_bytes(b"half")  # what a real kill -9 leaves
 
-    monkeypatch.setattr(train, "save_model", real_save)
-    assert train.main(args) == 0
+    monkeypatch.setattr(utils.Stage, "save_checkpoint", real_save)
+    assert train.main(["--resume", str(run)]) == 0
     check_complete(run, 3, 1)
 
 
-def test_diverging_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(demo_dir, tmp_path, capsys):
+def test_diverging_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tiny_args, tmp_path, capsys):
     runs = tmp_path / "runs"
-    assert train.main(command(demo_dir, runs, "nan", "--epochs", "2", "--prior-learning-rate", "1e30")) == 2
+    assert train.main(tiny_args(runs, "nan", "--epochs", "2", "--prior-learning-rate", "1e30")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "prior loss became nan in epoch 1" in err and "--prior-learning-rate" in err
     run = runs / "nan"
     assert json.loads((run / "progress.json").read_text())["vqvae"]["finished"]
-    utils.load_model(run / "vqvae.keras")
+    Run.open(run).stage("vqvae").load_model()
     assert not (run / "prior.keras").exists()
 
-    assert train.main(command(demo_dir, runs, "nan_vqvae", "--learning-rate", "1e30")) == 2
+    assert train.main(tiny_args(runs, "nan_vqvae", "--learning-rate", "1e30")) == 2
     err = capsys.readouterr().err
     assert "VQ-VAE loss became nan in epoch 1" in err and "--learning-rate" in err
     assert not (runs / "nan_vqvae").exists()  # nothing worth keeping: no half-made run folder
 
 
-def test_same_seed_same_metrics(demo_dir, tmp_path):
+@pytest.mark.slow
+def test_same_seed_same_metrics(tiny_args, tmp_path):
     for name in ("a", "b"):
-        assert train.main(command(demo_dir, tmp_path, name, "--epochs", "2", "--prior-epochs", "1")) == 0
+        assert train.main(tiny_args(tmp_path, name, "--epochs", "2", "--prior-epochs", "1")) == 0
     for name in ("history.csv", "prior_history.csv"):
         a, b = history(tmp_path / "a" / name), history(tmp_path / "b" / name)
         for column in a[0]:
@@ -130,19 +129,21 @@ def test_same_seed_same_metrics(demo_dir, tmp_path):
                                            rtol=1e-5, err_msg=f"{name}: {column}")
 
 
-def test_unwritable_output_folder_is_refused_before_any_work(demo_dir, tmp_path, capsys):
+def test_unwritable_output_folder_is_refused_before_any_work(tiny_args, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    assert train.main(command(demo_dir, blocker / "runs", "x")) == 2
+    assert train.main(tiny_args(blocker / "runs", "x")) == 2
     err = capsys.readouterr().err
     assert "cannot write run folders" in err and "--runs-dir" in err
 
 
-def test_same_name_with_other_settings_is_refused(demo_dir, tmp_path, capsys):
-    assert train.main(command(demo_dir, tmp_path, "r", "--epochs", "1", "--stage", "vqvae")) == 0
+def test_an_existing_run_is_continued_only_by_resume_with_its_own_settings(tiny_args, tmp_path, capsys):
+    assert train.main(tiny_args(tmp_path, "r", "--epochs", "1", "--stage", "vqvae")) == 0
     before = (tmp_path / "r" / "vqvae.keras").read_bytes()
-    assert train.main(command(demo_dir, tmp_path, "r", "--epochs", "2", "--stage", "vqvae")) == 2
-    assert "already exists with other settings" in capsys.readouterr().err
+    for epochs in ("1", "2"):  # the same command or other settings: refused, with the command to type
+        assert train.main(tiny_args(tmp_path, "r", "--epochs", epochs, "--stage", "vqvae")) == 2
+        err = capsys.readouterr().err
+        assert "already exists" in err and f"--resume {tmp_path / 'r'}" in err
     assert (tmp_path / "r" / "vqvae.keras").read_bytes() == before
     # --resume takes its settings from the run
     assert train.main(["--resume", str(tmp_path / "r"), "--epochs", "9"]) == 2

@@ -14,8 +14,8 @@ import pytest
 import modules
 import predict
 import train
-import utils
-from test_cli import TINY
+from conftest import TINY
+from utils import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_mixed_precision_trains_and_has_a_float32_twin():
     x = np.random.default_rng(1).random((8, 16, 16, 1)).astype("float32")
     history = model.fit(x, x, epochs=2, batch_size=4, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
-    twin = utils.full_precision(model)
+    twin = modules.full_precision(model)
     assert {layer.compute_dtype for layer in twin._flatten_layers()} == {"float32"}
     for a, b in zip(model.get_weights(), twin.get_weights()):
         np.testing.assert_array_equal(a, b)
@@ -61,7 +61,7 @@ def test_mixed_precision_trains_and_has_a_float32_twin():
 
 def test_mixed_precision_prior_has_float32_logits_and_samples_through_its_twin():
     keras.utils.set_random_seed(0)
-    prior = modules.PixelCNNPrior(num_embeddings=8, grid_shape=(4, 4), channels=8, num_layers=2,
+    prior = modules.PixelCNNPrior(num_embeddings=8, grid_shape=(4, 4), channels=8, num_layers=2, kernel_size=3,
                                   dtype="mixed_float16")
     prior.build((None, 4, 4))
     codes = np.random.default_rng(0).integers(0, 8, (6, 4, 4))
@@ -71,17 +71,18 @@ def test_mixed_precision_prior_has_float32_logits_and_samples_through_its_twin()
     assert np.isfinite(prior.fit(codes, codes, verbose=0).history["loss"][-1])
     with pytest.raises(ValueError, match="float32"):
         prior.sample(2, lambda logits, position: keras.ops.argmax(logits, axis=-1))
-    twin = utils.full_precision(prior)
+    twin = modules.full_precision(prior)
     sampled = np.asarray(twin.sample(2, lambda logits, position: keras.ops.argmax(logits, axis=-1)))
     assert sampled.shape == (2, 4, 4) and sampled.min() >= 0 and sampled.max() < 8
 
 
-def test_a_mixed_precision_xla_run_trains_evaluates_and_samples(demo_dir, tmp_path):
-    args = ["--data-dir", str(demo_dir), "--runs-dir", str(tmp_path), "--name", "bf16", "--epochs", "1", *TINY,
-            "--prior-epochs", "1", "--mixed-precision", "bfloat16", "--xla", "on"]
+@pytest.mark.slow
+def test_a_mixed_precision_xla_run_trains_evaluates_and_samples(tiny_args, tmp_path):
+    args = tiny_args(tmp_path, "bf16", "--epochs", "1", "--prior-epochs", "1", "--mixed-precision", "bfloat16",
+                     "--xla", "on")
     assert train.main(args) == 0
     run = tmp_path / "bf16"
-    assert utils.load_model(run / "vqvae.keras").dtype_policy.name == "mixed_bfloat16"
+    assert Run.open(run).stage("vqvae").load_model().dtype_policy.name == "mixed_bfloat16"
     assert predict.main(["--run", str(run), "--num-samples", "2"]) == 0
     assert (run / "samples.png").is_file()
 
@@ -96,6 +97,7 @@ def losses(path, column="loss"):
     return np.array([float(row[column]) for row in csv.DictReader(open(path))])
 
 
+@pytest.mark.slow
 def test_two_replicas_train_like_one(demo_dir, tmp_path):
     """Mirrored over 2 logical CPUs, each replica gets half of every batch; the all-reduced gradient, and so the
     whole training curve, must equal the 1-replica run's up to float rounding."""
