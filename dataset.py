@@ -12,6 +12,7 @@ template that nilearn ships, so everything runs without downloading OASIS.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -35,6 +36,9 @@ SPLIT_FOLDERS = {
 def find_splits(data_dir: str | Path) -> dict[str, Path]:
     """Maps each split found under data_dir (or one folder below it) to its folder."""
     data_dir = Path(data_dir)
+    if data_dir.is_file():
+        raise UserError(f"--data-dir {data_dir} is a file, not a folder; pass the folder that holds the split "
+                        "folders (keras_png_slices_train, ... or train/, validate/, test/)")
     if not data_dir.is_dir():
         raise UserError(f"data folder {data_dir} does not exist; pass --data-dir PATH to the OASIS slices "
                         "or use --demo for the built-in demo set")
@@ -56,10 +60,49 @@ def split_files(data_dir: str | Path, split: str) -> list[str]:
     if split not in splits:
         raise UserError(f"{data_dir} has no {split} split; expected one of the folders "
                         f"{', '.join(SPLIT_FOLDERS[split])} (found: {', '.join(splits) or 'none'})")
-    files = sorted(str(p) for p in splits[split].iterdir() if p.suffix.lower() == ".png" and p.is_file())
+    entries = sorted(p for p in splits[split].iterdir() if p.is_file())
+    # .DS_Store, README.txt, Thumbs.db, and macOS's hidden ._NAME.png companions are not slices
+    files = [str(p) for p in entries if p.suffix.lower() == ".png" and not p.name.startswith(".")]
     if not files:
         raise UserError(f"split folder {splits[split]} contains no .png files; point --data-dir at the slices")
+    kept = set(files)
+    skipped = [p.name for p in entries if str(p) not in kept]
+    if skipped and splits[split] not in _NOTED:
+        _NOTED.add(splits[split])
+        shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        print(f"note: skipped {len(skipped)} file(s) in {splits[split]} that are not PNG slices: {shown}")
     return files
+
+
+_NOTED: set = set()  # split folders whose skipped files were already reported, so the note comes once
+
+
+SLICE_NAME = re.compile(r"(?P<subject>.+)_slice_(?P<number>\d+)\D")  # case_001_slice_12.nii.png
+
+
+def slice_positions(files: list[str]) -> np.ndarray | None:
+    """Each slice's depth within its subject, in [0, 1], read from OASIS-style names (case_001_slice_12.nii.png):
+    the slice number scaled by the range of numbers its subject has in `files` (0 the first slice, 1 the last).
+    None when any name carries no slice number: such data trains an unconditional prior."""
+    subjects = slice_subjects(files)
+    if subjects is None:
+        return None
+    numbers = np.array([int(SLICE_NAME.match(Path(f).name)["number"]) for f in files], "float32")
+    positions = np.full(len(files), 0.5, "float32")  # a subject of one slice sits in the middle
+    for subject in np.unique(subjects):
+        mine = subjects == subject
+        low, high = numbers[mine].min(), numbers[mine].max()
+        if high > low:
+            positions[mine] = (numbers[mine] - low) / (high - low)
+    return positions
+
+
+def slice_subjects(files: list[str]) -> np.ndarray | None:
+    """The subject of each slice (case_001 of case_001_slice_12.nii.png); None when a name has no slice number."""
+    matches = [SLICE_NAME.match(Path(f).name) for f in files]
+    if not files or not all(matches):
+        return None
+    return np.array([m["subject"] for m in matches])
 
 
 # ---------------------------------------------------------------------------------------------------------------

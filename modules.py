@@ -579,6 +579,14 @@ def _dense(conv1x1, x):
     return ops.matmul(x, conv1x1.kernel[0, 0]) + conv1x1.bias
 
 
+def slice_position_features(positions, frequencies: int):
+    """(N,) slice depths in [0, 1] -> (N, 2F) conditioning vectors [sin(pi k p), cos(pi k p)] for k = 1..F: smooth
+    in depth, and rich enough for the prior's gates to learn any function of depth that varies over 1/F of it."""
+    k = ops.arange(1, frequencies + 1, dtype="float32")
+    angles = math.pi * ops.cast(ops.reshape(positions, (-1, 1)), "float32") * k[None, :]  # (N, F)
+    return ops.concatenate([ops.sin(angles), ops.cos(angles)], axis=-1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Builders: the models of a configuration (utils.Config), used by train.py, predict.py and the benchmarks alike
 # ---------------------------------------------------------------------------------------------------------------
@@ -603,10 +611,12 @@ def new_vqvae(config, steps_per_epoch: int, dtype: str = "float32", jit_compile:
 
 
 def new_prior(config, steps_per_epoch: int, dtype: str = "float32", jit_compile: bool = False) -> PixelCNNPrior:
-    """The PixelCNN prior of a config, built and compiled for training on code grids."""
+    """The PixelCNN prior of a config, built and compiled for training on code grids (and, when conditioned, on
+    slice_position_features of their slices)."""
     keras.utils.set_random_seed(config.seed)
     prior = PixelCNNPrior(**config.prior_kwargs(), dtype=dtype)
-    prior.build((None, config.grid_size, config.grid_size))
+    grids = (None, config.grid_size, config.grid_size)
+    prior.build([grids, (None, prior.num_conditions)] if prior.num_conditions else grids)
     schedule = cosine_schedule(config.prior_learning_rate, config.prior_epochs, steps_per_epoch)
     prior.compile(optimizer=keras.optimizers.Adam(schedule),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit_compile)

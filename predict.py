@@ -2,23 +2,29 @@
 
     python predict.py                            # the newest run in runs/: reconstruction metrics + 16 samples
     python predict.py --run runs/NAME --num-samples 64 --temperature 0.9 --seed 1
+    python predict.py --run runs/NAME --slice-position 0.3 0.5 0.7   # brains at these depths
     python predict.py --run runs/NAME --split validate --data-dir PATH
 
 Everything is rebuilt from the run folder alone (config.json, vqvae.keras, prior.keras). Writes, into the run:
     ssim_hist.png, recon_SPLIT.png     reconstruction SSIM per slice and a grid, beside the trivial floors
     samples.png, samples/*.png         generated slices (when the run has a prior)
-    metrics.json                       `reconstruction` and `samples` sections
+    depths.png                         real and generated slices at the same depths (a depth-conditioned prior)
+    metrics.json                       `reconstruction` and `samples` sections; the samples' headline is the
+                                       realism test (C2ST accuracy: 0.5 means a CNN cannot tell them from real)
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no INFO/WARNING lines from its C++
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads: none of its C++ log lines
 
 import argparse
+import dataclasses
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -29,6 +35,7 @@ with utils.native_stderr_captured():  # TensorFlow's C++ start-up lines
     import tensorflow_probability as tfp
 
 import dataset
+import modules
 from utils import Run, UserError
 
 
@@ -37,23 +44,42 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_and_generate(argv: list[str] | None = None) -> None:
-    """Reconstruction metrics of the run's VQ-VAE on a split; then, if the run has a prior, samples and their
-    metrics."""
+    """Reconstruction metrics of the run's VQ-VAE on a split; then, if the run has a prior, samples, their realism
+    and the figures."""
     args = parse_args(argv)
     if args.num_samples <= 0:
         raise UserError(f"--num-samples must be a positive integer, got {args.num_samples}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be 0 or more, got {args.temperature}")
+    for position in args.slice_position or ():
+        if not 0 <= position <= 1:
+            raise UserError(f"--slice-position takes depths from 0 (the subject's first slice) to 1 (its last), "
+                            f"got {position}")
     run = Run.open(args.run) if args.run else Run.newest(args.runs_dir)
     config = run.read_config()
-    print(f"run: {run.path}")
+    out = Run(args.out) if args.out else run  # where the figures, samples and metrics go
+    check_writable(out.path, given=bool(args.out))  # before minutes of evaluation, not after
+    print(f"run: {run.path}" + (f"; writing into {out.path}" if args.out else ""))
     vqvae = run.stage("vqvae").load_model(float32=True)  # evaluated in full precision
     data_dir = args.data_dir or config.data_dir
-    images = dataset.load_images(dataset.split_files(data_dir, args.split), config.image_size)
-    codes = evaluate_reconstruction(run, config, vqvae, images, args.split, data_dir)
+    split = Split.load(data_dir, args.split, config.image_size)
+    codes = evaluate_reconstruction(out, config, vqvae, split, data_dir)
     if run.stage("prior").has_checkpoint:
-        generate(run, config, vqvae, images, codes, args.num_samples, args.temperature,
-                 config.seed if args.seed is None else args.seed)
+        generate(run, out, config, vqvae, args, data_dir, split, codes)
     else:
         print(f"{run.path} has no prior yet, so no samples: `python train.py --resume {run.path} --stage prior`")
+
+
+def check_writable(folder: Path, given: bool) -> None:
+    """Makes the output folder if needed; a UserError unless files can be written into it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=f".write-check{utils.TEMP_MARK}")
+        probe.close()
+    except OSError as error:
+        remedy = "pass another --out" if given else "pass --out DIR to write them elsewhere"
+        raise UserError(f"cannot write the figures, samples and metrics into {folder} ({error.strerror}); "
+                        f"{remedy}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,11 +89,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs-dir", default="runs", help="where to look for the newest run (default runs)")
     parser.add_argument("--data-dir", help="data to evaluate on (default: the run's own data_dir)")
     parser.add_argument("--split", choices=dataset.SPLITS, default="test", help="split to reconstruct (default test)")
-    parser.add_argument("--num-samples", type=int, default=16, help="brains to generate (default 16)")
+    parser.add_argument("--num-samples", type=int, default=16, help="brains to generate into samples/ (default 16)")
+    parser.add_argument("--slice-position", type=float, nargs="+", metavar="P",
+                        help="depths to generate at, from 0 (a subject's first slice) to 1 (its last), used in turn; "
+                             "default: drawn from the training slices' depths")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="divides the prior's logits; below 1 is more conservative, 0 takes the argmax")
     parser.add_argument("--seed", type=int, help="sampling seed (default: the run's seed); same seed, same samples")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="write figures, samples and metrics.json here instead of into the run folder")
+    parser.add_argument("--realism-samples", type=int, default=256, metavar="N",
+                        help="samples the realism test judges against as many real slices (default 256, or fewer "
+                             "if the validation or test split is smaller; 0 skips the test)")
     return parser.parse_args(argv)
+
+
+@dataclasses.dataclass
+class Split:
+    """The images of one data split with their file names and slice positions (None without slice numbers)."""
+
+    name: str
+    files: list[str]
+    images: np.ndarray
+    positions: np.ndarray | None
+
+    @classmethod
+    def load(cls, data_dir: str, name: str, image_size: int) -> "Split":
+        files = dataset.split_files(data_dir, name)
+        return cls(name, files, dataset.load_images(files, image_size), dataset.slice_positions(files))
+
+    def subjects(self) -> np.ndarray:
+        """Each slice's subject; a slice of its own where the names carry no subject."""
+        subjects = dataset.slice_subjects(self.files)
+        return np.array([f"{self.name} {i}" for i in range(len(self.files))]) if subjects is None else subjects
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -75,29 +129,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def evaluate_reconstruction(run: Run, config: utils.Config, vqvae, images: np.ndarray, split: str,
-                            data_dir: str) -> np.ndarray:
-    """Reconstruction metrics of the VQ-VAE beside its floors, into metrics.json; returns the code grids."""
+def evaluate_reconstruction(out: Run, config: utils.Config, vqvae, split: Split, data_dir: str) -> np.ndarray:
+    """Reconstruction metrics of the VQ-VAE beside its floors, written into `out`; returns the code grids."""
+    images = split.images
     recon, codes = utils.reconstruct(vqvae, images)
     candidates = {"vqvae": recon, **utils.floor_images(images, config.downsample)}
     results = {name: utils.reconstruction_scores(images, output) for name, output in candidates.items()}
 
-    print(f"reconstruction, {split} split of {data_dir}: {len(images)} slices at {config.image_size} px")
+    print(f"reconstruction, {split.name} split of {data_dir}: {len(images)} slices at {config.image_size} px")
     print(f"{'':>14} {'SSIM mean':>10} {'median':>8} {'min':>8}  {'brain-crop SSIM':>15} {'PSNR dB':>8}")
     for name, r in results.items():
         print(f"{name:>14} {r['ssim']['mean']:>10.4f} {r['ssim']['median']:>8.4f} {r['ssim']['min']:>8.4f}  "
               f"{r['ssim_brain_crop']['mean']:>15.4f} {r['psnr']['mean']:>8.2f}")
 
-    utils.plot_histogram(run.figure("ssim_hist"), {name: utils.ssim(images, output)
+    utils.plot_histogram(out.figure("ssim_hist"), {name: utils.ssim(images, output)
                                                    for name, output in candidates.items()},
-                         "SSIM per slice", f"Reconstruction SSIM, {split} split ({len(images)} slices)")
+                         "SSIM per slice", f"Reconstruction SSIM, {split.name} split ({len(images)} slices)")
     show = np.linspace(0, len(images) - 1, 8).astype(int)
     bilinear = utils.floor_name(config.downsample)
-    utils.plot_image_rows(run.figure(f"recon_{split}"),
-                          {f"{split} originals": images[show], "VQ-VAE reconstructions": recon[show],
+    utils.plot_image_rows(out.figure(f"recon_{split.name}"),
+                          {f"{split.name} originals": images[show], "VQ-VAE reconstructions": recon[show],
                            f"{utils.floor_label(bilinear)} (floor)": candidates[bilinear][show]})
-    run.update_metrics("reconstruction", {"split": split, "data_dir": str(data_dir), "num_images": len(images),
-                                          **results})
+    out.update_metrics("reconstruction", {"split": split.name, "data_dir": str(data_dir),
+                                          "num_images": len(images), **results})
     return codes
 
 
@@ -106,12 +160,11 @@ def evaluate_reconstruction(run: Run, config: utils.Config, vqvae, images: np.nd
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def make_sampler(prior, num_samples: int, temperature: float, seed: int):
-    """A compiled function () -> (num_samples, H, W) int32 code grids. The whole autoregressive loop is one
-    tf.function graph; each position draws from tfp Categorical(logits / temperature) with a stateless seed
-    derived from (seed, position), so the same seed gives the same samples."""
-    if temperature < 0:
-        raise UserError(f"--temperature must be 0 or more, got {temperature}")
+def make_sampler(prior, temperature: float, seed: int):
+    """sample(n, positions=None) -> (n, H, W) int32 code grids, positions (n,) being the slices' depths for a
+    conditioned prior. The whole autoregressive loop is one tf.function graph (traced once per n); each position
+    draws from tfp Categorical(logits / temperature) with a stateless seed derived from (seed, position), so the
+    same seed gives the same samples."""
     base_seed = tf.constant([seed, 0], tf.int32)
 
     def draw(logits, position):
@@ -120,54 +173,154 @@ def make_sampler(prior, num_samples: int, temperature: float, seed: int):
         position_seed = tf.random.experimental.stateless_fold_in(base_seed, tf.cast(position, tf.int32))
         return tfp.distributions.Categorical(logits=logits / temperature).sample(seed=position_seed)
 
-    return tf.function(lambda: prior.sample(num_samples, draw))
+    compiled = tf.function(lambda n, condition: prior.sample(n, draw, condition))
+
+    def sample(n: int, positions=None) -> np.ndarray:
+        if not prior.num_conditions:
+            return compiled(n, None).numpy()
+        features = modules.slice_position_features(np.asarray(positions, "float32"), prior.num_conditions // 2)
+        return compiled(n, tf.constant(np.asarray(features))).numpy()
+
+    return sample
 
 
-def generate(run: Run, config: utils.Config, vqvae, test_images: np.ndarray, test_codes: np.ndarray,
-             num_samples: int, temperature: float, seed: int) -> dict:
+def generate(run: Run, out: Run, config: utils.Config, vqvae, args: argparse.Namespace, data_dir: str, split: Split,
+             split_codes: np.ndarray) -> dict:
+    """Samples brains from the prior of `run`, judges their realism against held-out slices, draws the figures;
+    writes into `out` (the run folder, or --out)."""
     prior = run.stage("prior").load_model(float32=True)  # sampled in full precision
     if prior.num_embeddings != vqvae.num_embeddings:
         raise UserError(f"{run.stage('prior').checkpoint} predicts {prior.num_embeddings} codes but the VQ-VAE has "
                         f"{vqvae.num_embeddings}; retrain the prior with `python train.py --resume {run.path} "
                         "--stage prior --retrain`")
-    sampler = make_sampler(prior, num_samples, temperature, seed)
+    conditioned = bool(prior.num_conditions)
+    if args.slice_position and not conditioned:
+        raise UserError(f"the prior of {run.path} is not conditioned on depth (its file names had no slice numbers, "
+                        "or it was trained with --prior-position-frequencies 0); drop --slice-position")
+    seed = config.seed if args.seed is None else args.seed
+    sample = make_sampler(prior, args.temperature, seed)
+    depths = Depths(run, seed) if conditioned else None
+
+    def generated(n: int, positions=None) -> np.ndarray:
+        return utils.batched(vqvae.decode, sample(n, positions))
+
+    # 1. The samples asked for
+    n = args.num_samples
+    positions = (np.resize(np.asarray(args.slice_position, "float32"), n) if args.slice_position
+                 else depths.draw(n) if conditioned else None)
     start = time.time()
-    codes = sampler().numpy()
+    samples = generated(n, positions)
     seconds = time.time() - start
-    samples = np.asarray(vqvae.decode(codes))
-    print(f"generated {num_samples} brains ({config.grid_size}x{config.grid_size} codes, temperature "
-          f"{temperature}, seed {seed}) in {seconds:.1f} s, compilation included")
+    where = f", at depths {', '.join(f'{p:.2f}' for p in args.slice_position)}" if args.slice_position else ""
+    print(f"generated {n} brains ({config.grid_size}x{config.grid_size} codes, temperature {args.temperature}, "
+          f"seed {seed}{where}) in {seconds:.1f} s, compilation included")
+    out.write_samples(samples)
+    captions = None if positions is None else [f"depth {p:.2f}" for p in positions]
+    utils.plot_image_rows(out.figure("samples"),
+                          {f"samples {r + 1}-{min(r + 8, n)}": samples[r:r + 8] for r in range(0, n, 8)},
+                          title=f"PixelCNN samples, temperature {args.temperature}, seed {seed}",
+                          captions=None if captions is None else {f"samples {r + 1}-{min(r + 8, n)}": captions[r:r + 8]
+                                                                  for r in range(0, n, 8)})
+    section = {"num_samples": n, "temperature": args.temperature, "seed": seed, "sampling_seconds": round(seconds, 2),
+               "conditioned_on_depth": conditioned}
 
-    run.write_samples(samples)
-    utils.plot_image_rows(run.figure("samples"),
-                          {f"samples {r * 8 + 1}-{min(r * 8 + 8, num_samples)}": samples[r * 8:r * 8 + 8]
-                           for r in range((num_samples + 7) // 8)},
-                          title=f"PixelCNN samples, temperature {temperature}, seed {seed}")
+    # 2. Is a sample distinguishable from a real slice? The classifier two-sample test against the test split,
+    # beside real validation slices (the ideal) and VQ-VAE reconstructions (what a perfect prior would reach).
+    held_out = {name: split if split.name == name else Split.load(data_dir, name, config.image_size)
+                for name in ("validate", "test")}
+    real, test = held_out["validate"], held_out["test"]
+    n = min(args.realism_samples, len(real.images), len(test.images))
+    if n:
+        rng = np.random.default_rng(seed)
+        pick = rng.permutation(len(real.images))[:n]
+        real_images, real_subjects = real.images[pick], real.subjects()[pick]
+        samples = generated(n, depths.draw(n) if conditioned else None)
+        judged = {"real_vs_real": (real_images, real_subjects),  # a subject's slices share a fold (utils.c2st)
+                  "reconstructions_vs_real": (utils.reconstruct(vqvae, real_images)[0], real_subjects),
+                  "samples_vs_real": (samples, None)}  # independent draws: each its own group
+        if conditioned and real.positions is not None:
+            judged["samples_at_real_depths_vs_real"] = (generated(n, real.positions[pick]), None)
+        section["c2st"] = realism(judged, test, seed)
+        section["nearest_train_ssim"] = copy_check(samples, real_images, config, data_dir)
+        section["brain_fraction"] = {"samples": utils.summarize(utils.brain_fraction(samples)),
+                                     "real": utils.summarize(utils.brain_fraction(real_images))}
 
-    # How close to real brains, and not copies: the same figures for real validation slices are the reference.
-    train_images = dataset.load_images(dataset.split_files(config.data_dir, "train"), config.image_size)
-    val_images = dataset.load_images(dataset.split_files(config.data_dir, "validate"), config.image_size)
-    section = {
-        "num_samples": num_samples, "temperature": temperature, "seed": seed, "sampling_seconds": round(seconds, 2),
-        "samples_nearest_test_ssim": utils.summarize(utils.nearest_ssim(samples, test_images)),
-        "samples_nearest_train_ssim": utils.summarize(utils.nearest_ssim(samples, train_images)),
-        "real_val_nearest_test_ssim": utils.summarize(utils.nearest_ssim(val_images, test_images)),
-        "real_val_nearest_train_ssim": utils.summarize(utils.nearest_ssim(val_images, train_images)),
-        "samples_brain_fraction": utils.summarize(utils.brain_fraction(samples)),
-        "real_val_brain_fraction": utils.summarize(utils.brain_fraction(val_images)),
-        "prior_test_bits_per_code": utils.bits_per_code(prior, test_codes),
-        "uniform_bits_per_code": float(np.log2(config.num_embeddings)),
-    }
-    ratio = section["samples_nearest_test_ssim"]["mean"] / section["real_val_nearest_test_ssim"]["mean"]
-    section["nearest_test_ssim_ratio"] = ratio
-    print(f"{'mean nearest-real SSIM':>26}  {'vs test':>8}  {'vs train (copy check)':>22}  {'brain area':>10}")
-    for label, key in [("generated samples", "samples"), ("real validation slices", "real_val")]:
-        print(f"{label:>26}  {section[key + '_nearest_test_ssim']['mean']:>8.4f}  "
-              f"{section[key + '_nearest_train_ssim']['mean']:>22.4f}  {section[key + '_brain_fraction']['mean']:>10.1%}")
-    print(f"samples reach {ratio:.1%} of the real slices' nearest-test SSIM; prior NLL on the test split "
-          f"{section['prior_test_bits_per_code']:.3f} bits/code (uniform {section['uniform_bits_per_code']:.1f})")
-    run.update_metrics("samples", section)
+    # 3. Real and generated slices at the same depths
+    if conditioned and test.positions is not None:
+        depth_figure(out.figure("depths"), test, generated)
+
+    # 4. The prior's likelihood of the evaluated split
+    split_conditions = (None if not conditioned else
+                        np.asarray(modules.slice_position_features(split.positions, prior.num_conditions // 2)))
+    section["prior_bits_per_code"] = {"split": split.name,
+                                      "value": utils.bits_per_code(prior, split_codes, split_conditions),
+                                      "uniform": float(np.log2(config.num_embeddings))}
+    print(f"prior NLL on the {split.name} split: {section['prior_bits_per_code']['value']:.3f} bits/code "
+          f"(a uniform prior: {section['prior_bits_per_code']['uniform']:.1f})")
+    out.update_metrics("samples", section)
     return section
+
+
+class Depths:
+    """Where unconditioned requests draw their depths from: the training slices' positions, kept with the run."""
+
+    def __init__(self, run: Run, seed: int):
+        cached = run.read_codes("train")
+        if cached is None or cached[1] is None:
+            raise UserError(f"{run.path} has no slice positions of its training split (they are cached with its "
+                            f"code grids); retrain the prior: `python train.py --resume {run.path} --stage prior "
+                            "--retrain`")
+        self.positions, self.rng = cached[1], np.random.default_rng([seed, 1])
+
+    def draw(self, n: int) -> np.ndarray:
+        return self.rng.choice(self.positions, n)
+
+
+def realism(judged: dict, test: Split, seed: int) -> dict:
+    """C2ST accuracy of each (images, subject ids or None) set against the real test slices, printed as a table."""
+    labels = {"real_vs_real": "real validation slices (the ideal)",
+              "reconstructions_vs_real": "VQ-VAE reconstructions (a perfect prior's)",
+              "samples_vs_real": "samples, depths drawn from training",
+              "samples_at_real_depths_vs_real": "samples at the validation depths"}
+    size = min(64, test.images.shape[1])
+    print(f"realism: can a small CNN tell these from real test slices? (classifier two-sample test, 5-fold, at "
+          f"{size} px; 0.5 = indistinguishable, 1.0 = always told apart)")
+    results = {}
+    for name, (images, subjects) in judged.items():
+        if subjects is None:  # independent samples: each a group of its own
+            subjects = np.array([f"sample {i}" for i in range(len(images))])
+        results[name] = utils.c2st(images, test.images, groups=(subjects, test.subjects()), size=size, seed=seed)
+        low, high = results[name]["ci95"]
+        print(f"{labels[name]:>46}  accuracy {results[name]['accuracy']:.3f}  [{low:.3f}, {high:.3f}]  "
+              f"n = {results[name]['n_per_set']} per set")
+    return results
+
+
+def copy_check(samples: np.ndarray, real: np.ndarray, config: utils.Config, data_dir: str) -> dict:
+    """Nearest-training-slice SSIM of samples and of real held-out slices: samples are copies if theirs is higher."""
+    train_images = dataset.load_images(dataset.split_files(data_dir, "train"), config.image_size)
+    result = {"samples": utils.summarize(utils.nearest_ssim(samples, train_images)),
+              "real": utils.summarize(utils.nearest_ssim(real, train_images))}
+    verdict = "not copies" if result["samples"]["mean"] < result["real"]["mean"] else "closer to training slices " \
+        "than real held-out slices are: possibly copies"
+    print(f"copy check, mean SSIM to the nearest training slice: samples {result['samples']['mean']:.3f}, real "
+          f"held-out slices {result['real']['mean']:.3f} ({verdict})")
+    return result
+
+
+def depth_figure(path, test: Split, generated, columns: int = 8, rows: int = 3) -> None:
+    """Slices of the first test subject at `columns` depths, and `rows` samples generated at each of those depths."""
+    subject = dataset.SLICE_NAME.match(Path(test.files[0]).name)["subject"]
+    mine = np.flatnonzero([Path(f).name.startswith(subject + "_slice_") for f in test.files])
+    mine = mine[np.argsort(test.positions[mine])]
+    pick = mine[np.linspace(0, len(mine) - 1, columns).round().astype(int)]
+    depths = test.positions[pick]
+    samples = generated(columns * rows, np.tile(depths, rows))
+    figure_rows = {f"real: test subject {subject}": test.images[pick]}
+    figure_rows.update({f"generated at the same depths ({r + 1})": samples[r * columns:(r + 1) * columns]
+                        for r in range(rows)})
+    utils.plot_image_rows(path, figure_rows, title="Real and generated slices at the same depths",
+                          captions={f"real: test subject {subject}": [f"depth {d:.2f}" for d in depths]})
 
 
 if __name__ == "__main__":

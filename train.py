@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no INFO/WARNING lines from its C++
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads: none of its C++ log lines
 
 import argparse
 import dataclasses
@@ -55,12 +55,34 @@ def train(argv: list[str] | None = None) -> Path:
     run, config, stages = open_run(args)
     hardware.check_batches(config)
     print(f"hardware: {hardware.describe()}")
-    if "vqvae" in stages:
-        train_vqvae(run, config, stages, hardware, demo=args.demo)
-    if "prior" in stages:
-        train_prior(run, config, hardware, retrain=args.retrain)
+    vqvae_to_train = "vqvae" in stages and (args.retrain or not run.stage("vqvae").finished)
+    data = load_training_images(config, args.demo) if vqvae_to_train else None  # data errors: before any folder
+    try:
+        with run.training(config, stages, wait=args.wait):  # makes a new run's folder; one process per run
+            if "vqvae" in stages:
+                train_vqvae(run, config, hardware, data, retrain=args.retrain)
+            if "prior" in stages:
+                train_prior(run, config, hardware, retrain=args.retrain and stages == ("prior",))
+    except utils.Interrupted as stop:
+        raise utils.Interrupted(stop.signal_number, f"{safe_on_disk(run, config)}{resume_hint(run)}") from None
+    except utils.DiskFull as error:
+        raise utils.DiskFull(f"{error}{resume_hint(run)}") from None
     print(f"run folder: {run.path}")
     return run.path
+
+
+def safe_on_disk(run: Run, config: Config) -> str:
+    """What an interrupted command leaves: the last completed epoch of each stage."""
+    epochs = {"vqvae": config.epochs, "prior": config.prior_epochs}
+    done = [f"the {STAGE_LABELS[name]}'s epoch {run.stage(name).epochs_done} of {epochs[name]}"
+            for name in utils.STAGES if run.exists() and run.stage(name).epochs_done]
+    if not done:
+        return "no epoch had finished, nothing was kept"
+    return " and ".join(done) + (" is" if len(done) == 1 else " are") + " safe on disk"
+
+
+def resume_hint(run: Run) -> str:
+    return f"; continue with `python train.py --resume {run.path}`" if run.exists() else ""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,7 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="continue the run folder RUN with its own settings, from its last completed epoch")
     parser.add_argument("--retrain", action="store_true",
                         help="with --resume RUN --stage prior: train the prior again from scratch (its --prior-* "
-                             "settings may change); the finished prior is replaced")
+                             "settings may change); with --stage vqvae: the VQ-VAE (its prior is discarded)")
+    parser.add_argument("--wait", action="store_true",
+                        help="if another process is training the same run, wait for it to end, then continue")
     parser.add_argument("--run", help=argparse.SUPPRESS)  # the old way to name a run; says what to type instead
     hardware = parser.add_argument_group("hardware (not saved with the run)")
     hardware.add_argument("--devices", type=int, metavar="N",
@@ -192,9 +216,10 @@ def open_run(args: argparse.Namespace) -> tuple[Run, Config, tuple[str, ...]]:
     config = run.read_config()
     stages = STAGES[args.stage] if args.stage else run.stages
     prior = run.stage("prior")
-    if args.retrain and stages != ("prior",):
-        raise UserError("--retrain trains the prior again: add --stage prior (to retrain the VQ-VAE, start a new run)")
-    may_change = {"data_dir"} | (PRIOR_SETTINGS if "prior" in stages and (args.retrain or not prior.epochs_done)
+    if args.retrain and not args.stage:
+        raise UserError("--retrain trains a stage again from scratch: add --stage prior (or --stage vqvae, which "
+                        "discards the prior too)")
+    may_change = {"data_dir"} | (PRIOR_SETTINGS if stages == ("prior",) and (args.retrain or not prior.epochs_done)
                                  else set())
     overrides = utils.config_overrides(args)
     fixed = [name for name in overrides if name not in may_change]
@@ -204,13 +229,12 @@ def open_run(args: argparse.Namespace) -> tuple[Run, Config, tuple[str, ...]]:
                                                      "of a prior that has not started or is retrained")
         raise UserError(f"--resume continues {run.path} with the settings in its config.json; drop "
                         f"{utils.flag(fixed[0])} ({reason})")
-    if stages == ("prior",) and not run.stage("vqvae").finished:
+    if stages == ("prior",) and not run.stage("vqvae").finished:  # (a damaged VQ-VAE is named when it loads)
         raise UserError(f"{run.path} has no trained VQ-VAE yet; finish it first with "
                         f"`python train.py --resume {run.path} --stage vqvae`")
     config = dataclasses.replace(config, **overrides)
     config.validate()
     check_writable(run.path)
-    run.remove_stale_temporaries()
     return run, config, stages
 
 
@@ -245,32 +269,35 @@ def check_writable(folder: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def train_vqvae(run: Run, config: Config, stages: tuple[str, ...], hardware: Hardware, demo: bool) -> None:
-    """Trains (or, after a crash, continues) the VQ-VAE of a run, checkpointing every epoch."""
+def train_vqvae(run: Run, config: Config, hardware: Hardware, data: dict | None, retrain: bool = False) -> None:
+    """Trains (or, after a crash, continues) the VQ-VAE of a run on the images of load_training_images,
+    checkpointing every epoch."""
     stage = run.stage("vqvae")
+    if retrain and (stage.epochs_done or run.stage("prior").epochs_done):
+        print(f"retraining the VQ-VAE of {run.path} from scratch; its prior, which learned the old codes, is "
+              "discarded with it")
+        run.discard_stages_from("vqvae")
     if stage.finished:
         print(f"the VQ-VAE of {run.path} is trained already")
         return
-    data = load_training_images(config, demo)  # every data error surfaces here, before a run folder exists
-    with run.training(config, stages):
-        steps_per_epoch = int(np.ceil(data["num_train"] / config.batch_size))
-        model = stage_model(stage, config.epochs, hardware,
-                            lambda dtype, jit: modules.new_vqvae(config, steps_per_epoch, dtype, jit))
-        floors = {name: float(np.mean(utils.ssim(data["val_images"], images)))
-                  for name, images in utils.floor_images(data["val_images"], config.downsample).items()}
-        curves = CurveWriter(stage, [
-            (run.figure("ssim"), {"train_ssim": "train (sample)", "val_ssim": "validation"}, "mean SSIM",
-             "VQ-VAE reconstruction SSIM", floors),
-            (run.figure("losses"), {"loss": "train total (MSE + VQ)", "mse": "train MSE", "val_mse": "validation MSE"},
-             "loss", "VQ-VAE losses", None)])
-        callbacks = [StopOnNonFiniteLoss(stage, "--learning-rate", config.learning_rate),
-                     RestartUnusedCodes(data["train_sample"], config.seed),
-                     EpochReport(data["val_images"], data["train_sample"], config.num_embeddings), curves,
-                     Checkpoint(stage)]
-        print(f"VQ-VAE: {model.count_params():,} parameters, code grid {config.grid_size}x{config.grid_size}, "
-              f"K={config.num_embeddings}, D={config.embedding_dim}")
-        model.fit(data["train"], initial_epoch=stage.epochs_done, epochs=config.epochs, callbacks=callbacks,
-                  verbose=fit_verbosity(), shuffle=False)  # the dataset shuffles itself
+    steps_per_epoch = int(np.ceil(data["num_train"] / config.batch_size))
+    model = stage_model(stage, config.epochs, hardware,
+                        lambda dtype, jit: modules.new_vqvae(config, steps_per_epoch, dtype, jit))
+    floors = {name: float(np.mean(utils.ssim(data["val_images"], images)))
+              for name, images in utils.floor_images(data["val_images"], config.downsample).items()}
+    curves = CurveWriter(stage, [
+        (run.figure("ssim"), {"train_ssim": "train (sample)", "val_ssim": "validation"}, "mean SSIM",
+         "VQ-VAE reconstruction SSIM", floors),
+        (run.figure("losses"), {"loss": "train total (MSE + VQ)", "mse": "train MSE", "val_mse": "validation MSE"},
+         "loss", "VQ-VAE losses", None)])
+    callbacks = [StopOnNonFiniteLoss(stage, "--learning-rate", config.learning_rate),
+                 RestartUnusedCodes(data["train_sample"], config.seed),
+                 EpochReport(data["val_images"], data["train_sample"], config.num_embeddings), curves,
+                 Checkpoint(stage)]
+    print(f"VQ-VAE: {model.count_params():,} parameters, code grid {config.grid_size}x{config.grid_size}, "
+          f"K={config.num_embeddings}, D={config.embedding_dim}")
+    model.fit(data["train"], initial_epoch=stage.epochs_done, epochs=config.epochs, callbacks=callbacks,
+              verbose=fit_verbosity(), shuffle=False)  # the dataset shuffles itself
 
     history = curves.history
     val_recon, val_codes = utils.reconstruct(model, data["val_images"])
@@ -320,22 +347,27 @@ def train_prior(run: Run, config: Config, hardware: Hardware, retrain: bool = Fa
               f"{run.path} --stage prior --retrain`")
         return
     vqvae = run.stage("vqvae").load_model()
-    codes = {split: encoded_split(run, vqvae, config, split) for split in ("train", "validate")}
+    cached = {split: encoded_split(run, vqvae, config, split) for split in ("train", "validate")}
+    if config.prior_position_frequencies and any(positions is None for _, positions in cached.values()):
+        print("note: the file names carry no slice numbers (like case_001_slice_12.nii.png), so the prior is "
+              "unconditional")
+        config = dataclasses.replace(config, prior_position_frequencies=0)
     run.write_config(config)  # only now: a data error above must leave the run as it was
     if retrain:
         print(f"retraining the prior of {run.path} from scratch")
-        stage.discard()
-    steps_per_epoch = int(np.ceil(len(codes["train"]) / config.prior_batch_size))
+        run.discard_stages_from("prior")
+    steps_per_epoch = int(np.ceil(len(cached["train"][0]) / config.prior_batch_size))
     prior = stage_model(stage, config.prior_epochs, hardware,
                         lambda dtype, jit: modules.new_prior(config, steps_per_epoch, dtype, jit))
     curves = CurveWriter(stage, [(run.figure("prior_loss"), {"bits_per_code": "train", "val_bits_per_code": "validation"},
                                   "NLL (bits per code)", "PixelCNN prior", None)])
     callbacks = [StopOnNonFiniteLoss(stage, "--prior-learning-rate", config.prior_learning_rate), BitsPerCode(),
                  curves, Checkpoint(stage)]
+    conditioned = ", conditioned on the slice position" if prior.num_conditions else ""
     print(f"PixelCNN prior: {prior.count_params():,} parameters, {config.prior_layers} gated layers, receptive "
-          f"field {prior.receptive_rows()} rows of the {config.grid_size}x{config.grid_size} grid")
-    train_codes, val_codes = codes["train"].astype("int32"), codes["validate"].astype("int32")
-    prior.fit(train_codes, train_codes, validation_data=(val_codes, val_codes), batch_size=config.prior_batch_size,
+          f"field {prior.receptive_rows()} rows of the {config.grid_size}x{config.grid_size} grid{conditioned}")
+    (train_inputs, train_codes), validation = (prior_inputs(prior, *cached[split]) for split in ("train", "validate"))
+    prior.fit(train_inputs, train_codes, validation_data=validation, batch_size=config.prior_batch_size,
               initial_epoch=stage.epochs_done, epochs=config.prior_epochs, callbacks=callbacks,
               verbose=fit_verbosity())
 
@@ -350,19 +382,31 @@ def train_prior(run: Run, config: Config, hardware: Hardware, retrain: bool = Fa
           "bits/code")
 
 
-def encoded_split(run: Run, vqvae, config: Config, split: str, chunk: int = 1024) -> np.ndarray:
-    """The (N, h, w) int16 code grids of a split: encoded once, `chunk` files at a time, then read from the run."""
-    codes = run.read_codes(split)
-    if codes is not None:
-        return codes
+def encoded_split(run: Run, vqvae, config: Config, split: str,
+                  chunk: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
+    """The (N, h, w) int16 code grids of a split and the (N,) slice positions of its files (None when the names carry
+    no slice numbers): encoded once, `chunk` files at a time, then read from the run folder."""
+    cached = run.read_codes(split)
+    if cached is not None:
+        return cached
     files = dataset.split_files(config.data_dir, split)
     start = time.time()
     codes = np.concatenate([utils.batched(vqvae.encode, dataset.load_images(files[i:i + chunk], config.image_size))
                             for i in range(0, len(files), chunk)]).astype(np.int16)
-    run.write_codes(split, codes)
+    positions = dataset.slice_positions(files)
+    run.write_codes(split, codes, positions)
     print(f"encoded the {split} split: {codes.shape[0]} code grids of {codes.shape[1]}x{codes.shape[2]} "
           f"in {time.time() - start:.0f} s")
-    return codes
+    return codes, positions
+
+
+def prior_inputs(prior, codes: np.ndarray, positions: np.ndarray | None) -> tuple:
+    """(inputs, targets) of the prior for code grids: the grids, with their slice-position features if the prior
+    is conditioned on them."""
+    codes = codes.astype("int32")
+    if not prior.num_conditions:
+        return codes, codes
+    return [codes, np.asarray(modules.slice_position_features(positions, prior.num_conditions // 2))], codes
 
 
 # ---------------------------------------------------------------------------------------------------------------

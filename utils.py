@@ -10,9 +10,13 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import errno
+import fcntl
 import json
 import os
 import shutil
+import signal
+import socket
 import sys
 import tempfile
 import time
@@ -26,14 +30,55 @@ class UserError(Exception):
     """A mistake the user can fix (bad path, bad flag, bad data). Scripts print it as one line and exit 2."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's time limit) arrived. Raised in the main thread by the scripts'
+    signal handler, between two Python steps: a training step or a file write in flight is not cut in half. A
+    KeyboardInterrupt, so that no library's `except Exception` swallows or rewraps it."""
+
+    def __init__(self, signal_number: int, detail: str = ""):
+        self.signal_number = signal_number
+        super().__init__(f"stopped by {signal.Signals(signal_number).name}" + (f": {detail}" if detail else ""))
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _raise_interrupted(signal_number, frame):
+    raise Interrupted(signal_number)
+
+
 def script_main(body, argv: list[str] | None) -> int:
-    """Runs a script's body(argv). A UserError becomes one line on stderr ("error: ...") and exit code 2."""
+    """Runs a script's body(argv). A UserError becomes one line on stderr ("error: ...") and exit code 2; Ctrl-C or
+    SIGTERM one line (what is safe, what to type) and exit code 128 + the signal's number, as shells report it."""
+    previous = {number: signal.signal(number, _raise_interrupted) for number in STOP_SIGNALS}
     try:
         body(argv)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"{stop}", file=sys.stderr)
+        return 128 + stop.signal_number
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     return 0
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Holds Ctrl-C and SIGTERM until the block has ended, so that what it writes together (a checkpoint and the
+    epoch count that vouches for it) is written together."""
+    received: list[int] = []
+    previous = {number: signal.signal(number, lambda number, frame: received.append(number))
+                for number in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if received:
+            signal.raise_signal(received[0])  # now handled as usual: Interrupted, or the default action
 
 
 @contextlib.contextmanager
@@ -94,6 +139,9 @@ class Config:
     prior_batch_size: int = setting(32, "code grids per step")
     prior_epochs: int = setting(50, "passes over the training split's code grids")
     prior_learning_rate: float = setting(3e-4, "Adam's initial rate, decayed by a cosine to 5% of it")
+    prior_position_frequencies: int = setting(8, "conditions the prior on the slice's depth (from names like "
+                                                 "case_001_slice_12.nii.png) through sin/cos features of this many "
+                                                 "frequencies; 0: an unconditional prior")
     # run folder
     runs_dir: str = setting("runs", "where run folders are made")
     name: str = setting("", "the run's folder name under --runs-dir; empty means a timestamp")
@@ -127,6 +175,8 @@ class Config:
                 raise UserError(f"{flag(field)} must be positive, got {getattr(self, field)}")
         if self.prior_kernel_size < 3 or self.prior_kernel_size % 2 == 0:
             raise UserError(f"--prior-kernel-size must be odd and at least 3, got {self.prior_kernel_size}")
+        if self.prior_position_frequencies < 0:
+            raise UserError(f"--prior-position-frequencies must be 0 or more, got {self.prior_position_frequencies}")
         if not self.commitment_cost >= 0:
             raise UserError(f"--commitment-cost must be 0 or more, got {self.commitment_cost}")
 
@@ -139,7 +189,8 @@ class Config:
     def prior_kwargs(self) -> dict:
         """The arguments of modules.PixelCNNPrior, taken from this config."""
         return dict(num_embeddings=self.num_embeddings, grid_shape=(self.grid_size, self.grid_size),
-                    channels=self.prior_channels, num_layers=self.prior_layers, kernel_size=self.prior_kernel_size)
+                    channels=self.prior_channels, num_layers=self.prior_layers, kernel_size=self.prior_kernel_size,
+                    num_conditions=2 * self.prior_position_frequencies)
 
     @property
     def grid_size(self) -> int:
@@ -200,17 +251,60 @@ def config_from_args(args: argparse.Namespace) -> Config:
 TEMP_MARK = ".tmp-"  # in the names of atomic_write's temporary files: .NAME.tmp-XXXX.SUFFIX
 
 
+class DiskFull(UserError):
+    """A write failed for want of space (a full disk, a quota, a file size limit)."""
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def atomic_write(path: str | Path, write) -> None:
-    """Calls write(tmp_path), then renames tmp_path onto path: readers see the old file or the new, never half."""
+    """Calls write(tmp_path), then renames tmp_path onto path: readers see the old file or the new, never half.
+    If the disk is full, the temporary file is removed, the old file stays, and DiskFull says how much was needed."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}{TEMP_MARK}", suffix=path.suffix)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; a run folder is for sharing
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
+        written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
         Path(tmp).unlink(missing_ok=True)
+        if _no_space(error):
+            needed = max(written, path.stat().st_size if path.exists() else 0)
+            free = shutil.disk_usage(path.parent).free
+            kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+            raise DiskFull(f"could not write {path}: {_reason(error)} (it needs about {_megabytes(needed)}, "
+                           f"{_megabytes(free)} are free there; {kept})") from None
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _no_space(error: BaseException) -> bool:
+    """Whether an error, or one it was raised from, is a full disk or quota (libraries wrap OSError their way)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in NO_SPACE:
+            return True
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _reason(error: BaseException) -> str:
+    while error is not None and not (isinstance(error, OSError) and error.strerror):
+        error = error.__cause__ or error.__context__
+    return error.strerror.lower() if error is not None else "no space left on device"
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
 
 
 def write_json(path: str | Path, data) -> None:
@@ -234,7 +328,7 @@ class Run:
         metrics.json        one section each: vqvae, prior (train.py), reconstruction, samples (predict.py)
         vqvae.keras         stage 1 checkpoint (model and optimizer state), rewritten after every epoch
         history.csv         stage 1 metrics per epoch (figures ssim.png, losses.png, recon.png)
-        codes_SPLIT.npy     the train and validation splits as code grids, encoded once for the prior
+        codes_SPLIT.npz     the train and validation splits as code grids (and slice positions), encoded once
         prior.keras         stage 2 checkpoint
         prior_history.csv   stage 2 metrics per epoch (figure prior_loss.png)
         *.png, samples/     figures, and predict.py's generated slices
@@ -275,37 +369,84 @@ class Run:
         return self.path.is_dir()
 
     @contextlib.contextmanager
-    def training(self, config: Config, stages: tuple[str, ...]):
-        """Around a stage's training. A new run's folder is made here, with its config and the stages it trains;
-        if the block fails before the first checkpoint, the folder is removed again: a failed command leaves no
-        half-made run behind, and never touches an existing one."""
+    def training(self, config: Config, stages: tuple[str, ...], wait: bool = False):
+        """Around a training command.
+
+        It holds the run's lock: one training process per run folder; a second one is refused (or, with wait=True,
+        waits its turn). The lock is the operating system's (flock), so it dies with its process: a killed run
+        never blocks a later --resume. A new run's folder is made here, with its config and stages; if the command
+        fails before the first checkpoint, the folder is removed again: a failed command leaves no half-made run
+        behind, and never touches an existing one.
+        """
         new = not self.exists()
         if new:
-            self.path.mkdir(parents=True)
-            self.write_config(config)
-            write_json(self._file("progress"), {"stages": list(stages)})
+            try:
+                self.path.mkdir(parents=True)
+            except FileExistsError:
+                raise UserError(f"run folder {self.path} was just made by another process; pick another --name") \
+                    from None
+        lock = self._lock(wait)
         try:
+            if new:
+                self.write_config(config)
+                write_json(self._file("progress"), {"stages": list(stages)})
+            else:
+                self.remove_stale_temporaries()
             yield
         except BaseException:
             if new and not any(self.stage(name).checkpoint.exists() for name in STAGES):
                 shutil.rmtree(self.path, ignore_errors=True)
             raise
+        finally:
+            (self.path / self.LOCK).unlink(missing_ok=True)  # first: a waiter that got this file tries again
+            os.close(lock)
+
+    LOCK = ".training.lock"
+
+    def _lock(self, wait: bool) -> int:
+        """Takes the run's lock and writes who holds it into the lock file; returns its file descriptor."""
+        path = self.path / self.LOCK
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                holder = path.read_text().strip() if path.exists() else ""
+                raise UserError(f"{self.path} is being trained by {holder or 'another process'}; let it finish (or "
+                                "run this again with --wait to continue after it), or stop it first") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # else its last holder removed the file as we took it: take the new one
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode())
+        return fd
 
     # config -----------------------------------------------------------------------------------------------------
     def read_config(self) -> Config:
-        path = self._file("config")
-        try:
-            return Config.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path} is not valid JSON ({error}); restore it or train a new run") from None
+        values = self._read_json("config", "restore it from a backup, or train a new run")
+        if not isinstance(values, dict):
+            raise UserError(f"{self._file('config')} is damaged (not a JSON object); restore it, or train a new run")
+        return Config.from_dict(values)
 
     def write_config(self, config: Config) -> None:
         write_json(self._file("config"), dataclasses.asdict(config))
 
     # progress ---------------------------------------------------------------------------------------------------
     def _progress(self) -> dict:
-        path = self._file("progress")
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return self._read_json("progress", "restore it from a backup, or delete it to train every stage anew")
+
+    def _read_json(self, key: str, remedy: str) -> dict:
+        path = self._file(key)
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise UserError(f"{path} is damaged ({type(error).__name__}: {error}); {remedy}") from None
 
     def _update_progress(self, stage: str, **values) -> None:
         progress = self._progress()
@@ -321,26 +462,68 @@ class Run:
     def stage(self, name: str) -> "Stage":
         return Stage(self, name)
 
+    def discard_stages_from(self, name: str) -> None:
+        """Forgets a stage and the stages after it, which learned from it: their checkpoints, histories and progress
+        (and, from the VQ-VAE on, the code caches), so they train again from scratch."""
+        later = STAGES[STAGES.index(name):]
+        progress = self._progress()
+        for stage in map(self.stage, later):
+            stage.checkpoint.unlink(missing_ok=True)
+            stage.history_file.unlink(missing_ok=True)
+            progress.pop(stage.name, None)
+        write_json(self._file("progress"), progress)
+        if "vqvae" in later:
+            for path in self.path.glob(self._codes_file("*").name):
+                path.unlink()
+
     # metrics ----------------------------------------------------------------------------------------------------
     def read_metrics(self) -> dict:
-        path = self._file("metrics")
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return self._read_json("metrics", "delete it: train.py and predict.py write its sections again")
 
     def update_metrics(self, section: str, values: dict) -> None:
-        """Replaces one section of metrics.json, keeping the others."""
-        write_json(self._file("metrics"), {**self.read_metrics(), section: values})
+        """Replaces one section of metrics.json, keeping the others. A damaged metrics.json is moved aside (kept as
+        metrics.json.damaged) and a new one begun."""
+        try:
+            metrics = self.read_metrics()
+        except UserError:
+            damaged = self._file("metrics").with_suffix(".json.damaged")
+            self._file("metrics").replace(damaged)
+            print(f"note: {self._file('metrics')} was damaged; kept as {damaged.name}, and a new one begun")
+            metrics = {}
+        write_json(self._file("metrics"), {**metrics, section: values})
 
     # code grids -------------------------------------------------------------------------------------------------
     def _codes_file(self, split: str) -> Path:
-        return self.path / f"codes_{split}.npy"
+        return self.path / f"codes_{split}.npz"
 
-    def read_codes(self, split: str) -> np.ndarray | None:
-        """The cached code grids of a split, or None when they have not been encoded yet."""
+    def read_codes(self, split: str) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """The cached (code grids (N, h, w), slice positions (N,) or None) of a split; None if not encoded yet, or
+        if the cache is damaged or does not fit the run's VQ-VAE (it is then encoded again)."""
         path = self._codes_file(split)
-        return np.load(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        config = self.read_config()
+        try:
+            with np.load(path) as cache:
+                codes, positions = cache["codes"], cache["positions"] if "positions" in cache else None
+            problem = ""
+            if codes.ndim != 3 or codes.shape[1:] != (config.grid_size, config.grid_size):
+                problem = f"code grids of shape {codes.shape}, where the VQ-VAE makes (N, {config.grid_size}, " \
+                          f"{config.grid_size})"
+            elif codes.size and not 0 <= codes.min() <= codes.max() < config.num_embeddings:
+                problem = f"codes outside 0..{config.num_embeddings - 1}"
+            elif positions is not None and positions.shape != codes.shape[:1]:
+                problem = f"{positions.shape[0]} slice positions for {codes.shape[0]} code grids"
+        except Exception as error:  # truncated, empty or not an .npz at all
+            problem = f"unreadable: {type(error).__name__}"
+        if problem:
+            print(f"note: the code cache {path} is damaged ({problem}); encoding the {split} split again")
+            return None
+        return codes, positions
 
-    def write_codes(self, split: str, codes: np.ndarray) -> None:
-        atomic_write(self._codes_file(split), lambda tmp: np.save(tmp, codes))
+    def write_codes(self, split: str, codes: np.ndarray, positions: np.ndarray | None) -> None:
+        arrays = {"codes": codes} if positions is None else {"codes": codes, "positions": positions}
+        atomic_write(self._codes_file(split), lambda tmp: np.savez(tmp, **arrays))
 
     # figures and samples ----------------------------------------------------------------------------------------
     def figure(self, name: str) -> Path:
@@ -348,18 +531,26 @@ class Run:
         return self.path / f"{name}.png"
 
     def write_samples(self, images: np.ndarray) -> Path:
-        """Replaces samples/ with one 8-bit PNG per image; returns the folder."""
+        """Replaces samples/ with one 8-bit PNG per image, written into a temporary folder first: if a write fails
+        (a full disk), the previous samples stay. Returns the folder."""
         folder = self.path / "samples"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir()
-        for i, image in enumerate(images):
-            save_png(folder / f"sample_{i:03d}.png", image)
+        fresh = Path(tempfile.mkdtemp(dir=self.path, prefix=f".samples{TEMP_MARK}"))
+        try:
+            for i, image in enumerate(images):
+                save_png(fresh / f"sample_{i:03d}.png", image)
+            old = folder.rename(self.path / f".samples{TEMP_MARK}old") if folder.exists() else None
+            fresh.rename(folder)
+        except BaseException:
+            shutil.rmtree(fresh, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return folder
 
     def remove_stale_temporaries(self) -> None:
         """A process killed in the middle of an atomic write leaves its temporary file; the real file is intact."""
         for path in self.path.glob(f".*{TEMP_MARK}*"):
-            path.unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 class Stage:
@@ -392,19 +583,12 @@ class Stage:
         return self.checkpoint.is_file()
 
     def save_checkpoint(self, model, epochs_done: int) -> None:
-        atomic_write(self.checkpoint, model.save)  # the temporary name keeps the .keras suffix save() requires
-        self.run._update_progress(self.name, epochs_done=epochs_done)
+        with signals_deferred():  # Ctrl-C here stops after both writes, never between them
+            atomic_write(self.checkpoint, model.save)  # the temporary name keeps the .keras suffix save() requires
+            self.run._update_progress(self.name, epochs_done=epochs_done)
 
     def mark_finished(self) -> None:
         self.run._update_progress(self.name, finished=True)
-
-    def discard(self) -> None:
-        """Forgets the stage: its checkpoint, history and progress (to train it again from scratch)."""
-        self.checkpoint.unlink(missing_ok=True)
-        self.history_file.unlink(missing_ok=True)
-        progress = self.run._progress()
-        progress.pop(self.name, None)
-        write_json(self.run._file("progress"), progress)
 
     def load_model(self, float32: bool = False):
         """The stage's checkpoint as a Keras model, with a clear error if it is missing or unreadable. float32=True
@@ -413,13 +597,15 @@ class Stage:
 
         import modules
 
+        retrain = f"`python train.py --resume {self.run.path} --stage {self.name} --retrain`"
         if not self.checkpoint.is_file():
-            raise UserError(f"{self.checkpoint} does not exist; train that stage first (python train.py, see --help)")
+            raise UserError(f"{self.checkpoint} does not exist; train that stage: {retrain}")
         try:
             model = keras.saving.load_model(self.checkpoint)
-        except Exception as error:  # a truncated or foreign file
-            raise UserError(f"cannot load {self.checkpoint} ({type(error).__name__}); the file is damaged or from "
-                            "another tool, retrain that stage") from None
+        except Exception as error:  # a truncated, empty or foreign file
+            also = " (the prior, which learned its codes, is trained again too)" if self.name == "vqvae" else ""
+            raise UserError(f"cannot load {self.checkpoint} ({type(error).__name__}): the file is damaged; train "
+                            f"the stage again with {retrain}{also}") from None
         return modules.full_precision(model) if float32 else model
 
     def read_history(self) -> dict:
@@ -562,12 +748,13 @@ def codebook_usage(indices, num_embeddings: int) -> dict:
     return {"perplexity": float(np.exp(entropy)), "codes_used": int(np.sum(counts > 0))}
 
 
-def bits_per_code(prior, codes: np.ndarray, batch_size: int = 64) -> float:
-    """Mean negative log-likelihood of code grids under the prior, in bits per code."""
+def bits_per_code(prior, codes: np.ndarray, conditions: np.ndarray | None = None, batch_size: int = 64) -> float:
+    """Mean negative log-likelihood of code grids (given their conditions) under the prior, in bits per code."""
     total = 0.0
     for start in range(0, len(codes), batch_size):
         batch = np.asarray(codes[start:start + batch_size], "int32")
-        logits = np.asarray(prior(batch), "float64")  # (B, H, W, K)
+        inputs = batch if conditions is None else [batch, conditions[start:start + batch_size]]
+        logits = np.asarray(prior(inputs), "float64")  # (B, H, W, K)
         top = logits.max(-1, keepdims=True)
         log_norm = top[..., 0] + np.log(np.exp(logits - top).sum(-1))
         total += float(np.sum(log_norm - np.take_along_axis(logits, batch[..., None], -1)[..., 0]))
@@ -597,6 +784,86 @@ def nearest_ssim(queries: np.ndarray, pool: np.ndarray, shortlist: int = 32) -> 
     candidates = np.argpartition(distances, k - 1, axis=1)[:, :k]  # (Q, k)
     scores = ssim(np.repeat(queries, k, axis=0), pool[candidates.reshape(-1)])
     return scores.reshape(len(queries), k).max(axis=1)
+
+
+def downsized(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W, 1) -> (N, size, size, 1): area averages where the size divides, else antialiased bilinear."""
+    n, h, w, _ = images.shape
+    if h % size == 0 and w % size == 0:
+        return images.reshape(n, size, h // size, size, w // size, 1).mean(axis=(2, 4))
+    from keras import ops
+
+    return np.asarray(ops.image.resize(images, (size, size), interpolation="bilinear", antialias=True))
+
+
+def realism_classifier(size: int):
+    """The C2ST's judge: four stride-2 3x3 convolutions (16, 32, 64, 64 channels) to a 4x4 map, flattened, so it
+    sees where things are as well as texture; one logit, "second set"."""
+    import keras
+    from keras import layers
+
+    model = keras.Sequential([keras.Input((size, size, 1))]
+                             + [layers.Conv2D(c, 3, strides=2, padding="same", activation="relu") for c in (16, 32, 64, 64)]
+                             + [layers.Flatten(), layers.Dropout(0.3), layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    return model
+
+
+def c2st(first: np.ndarray, second: np.ndarray, groups: tuple | None = None, folds: int = 5, epochs: int = 40,
+         size: int = 64, seed: int = 0) -> dict:
+    """Classifier two-sample test (Lopez-Paz & Oquab 2017): can a small CNN tell images of `second` from images of
+    `first`? Both sets are cut to the same size n and downsized to size x size; in k-fold cross-validation each image
+    is judged by a classifier trained on the other folds. The accuracy is 0.5 when the sets cannot be told apart and
+    1.0 when they always can.
+
+    groups: (ids of first, ids of second), e.g. each slice's subject. A group's images share a fold, so no image is
+    judged by a classifier that learned its near-duplicates (its subject's neighbouring slices), which would reward
+    memorising subjects rather than telling the sets apart. Each set's groups are dealt out over the folds on their
+    own, so that every fold holds both sets. With fewer than 2 groups in a set, the images are judged one by one
+    ("grouped": false). Default: every image is a group of its own.
+
+    The 95% interval resamples whole groups (a cluster bootstrap): the slices of one subject are judged alike, so
+    a few subjects make a wide interval however many slices they have.
+    """
+    import keras
+
+    rng = np.random.default_rng(seed)
+    n = min(len(first), len(second))
+    picks = [rng.permutation(len(s))[:n] for s in (first, second)]
+    x = np.concatenate([downsized(s[p], size) for s, p in zip((first, second), picks)]).astype("float32")
+    y = np.repeat([0.0, 1.0], n).astype("float32")
+    ids = [np.arange(n), np.arange(n)]  # each set's group of each image, numbered from 0
+    if groups is not None:
+        ids = [np.unique(np.asarray(g)[p], return_inverse=True)[1] for g, p in zip(groups, picks)]
+    grouped = bool(groups is not None and min(i.max() + 1 for i in ids) >= 2)
+    if not grouped:
+        ids = [np.arange(n), np.arange(n)]
+    folds = min(folds, *(i.max() + 1 for i in ids))
+    fold = np.concatenate([(rng.permutation(i.max() + 1) % folds)[i] for i in ids])  # a group's images share one
+    judged = np.zeros(2 * n, bool)
+    for k in range(folds):
+        keras.utils.set_random_seed(seed + k)
+        model = realism_classifier(size)
+        train, test = fold != k, fold == k
+        ones = y[train].mean()  # folds of whole groups are not balanced: weigh the classes equal in training, or a
+        weights = {0: 0.5 / (1 - ones), 1: 0.5 / ones}  # judge that sees no difference guesses the majority
+        model.fit(x[train], y[train], batch_size=32, epochs=epochs, verbose=0, shuffle=True, class_weight=weights)
+        judged[test] = (np.asarray(model.predict(x[test], verbose=0))[:, 0] > 0) == (y[test] == 1)
+    interval = cluster_bootstrap_interval([judged[:n], judged[n:]], ids, rng)
+    return {"accuracy": float(judged.mean()), "ci95": interval, "n_per_set": n, "folds": folds, "grouped": grouped,
+            "groups_per_set": [int(i.max() + 1) for i in ids]}
+
+
+def cluster_bootstrap_interval(outcomes: list, ids: list, rng, resamples: int = 2000) -> list[float]:
+    """95% interval of the mean of boolean outcomes (one array per set) when the outcomes of a group (ids) are
+    alike: each resample draws whole groups, with replacement, within each set."""
+    correct, total = 0.0, 0.0
+    for outcome, group in zip(outcomes, ids):
+        per_group = np.bincount(group, weights=outcome), np.bincount(group)  # correct and judged per group
+        draws = rng.integers(0, len(per_group[1]), (resamples, len(per_group[1])))
+        correct, total = correct + per_group[0][draws].sum(1), total + per_group[1][draws].sum(1)
+    return [float(v) for v in np.percentile(correct / total, [2.5, 97.5])]
 
 
 def summarize(values: np.ndarray) -> dict:
@@ -647,16 +914,20 @@ def plot_curves(path: Path, history: dict, series: dict, ylabel: str, title: str
     save_figure(fig, path)
 
 
-def plot_image_rows(path: Path, rows: dict, title: str = "") -> None:
-    """A grid of grayscale images: each item of `rows` is (label, images (N, H, W, 1))."""
+def plot_image_rows(path: Path, rows: dict, title: str = "", captions: dict | None = None) -> None:
+    """A grid of grayscale images: each item of `rows` is (label, images (N, H, W, 1)); `captions` maps a row's label
+    to one short text per image, written under it."""
     plt = _pyplot()
     n_cols = max(len(images) for images in rows.values())
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.6 * n_cols, 1.7 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.6 * n_cols, 1.8 * len(rows)), squeeze=False)
     for axes_row, (label, images) in zip(axes, rows.items()):
+        texts = (captions or {}).get(label, [])
         for col, ax in enumerate(axes_row):
             ax.axis("off")
             if col < len(images):
                 ax.imshow(images[col][..., 0], cmap="gray", vmin=0, vmax=1)
+            if col < len(texts):
+                ax.text(0.5, -0.02, texts[col], transform=ax.transAxes, ha="center", va="top", fontsize=7)
         axes_row[0].set_title(label, fontsize=9, loc="left")
     if title:
         fig.suptitle(title, fontsize=10)

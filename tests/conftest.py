@@ -4,7 +4,7 @@ tests run on either Keras backend (KERAS_BACKEND=jax runs them under JAX, as CI 
 import contextlib
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras

@@ -30,7 +30,7 @@ def tiny_run(demo_dir, tmp_path_factory):
 
 def test_train_writes_a_complete_run_folder(tiny_run):
     for name in ["config.json", "vqvae.keras", "history.csv", "ssim.png", "losses.png", "recon.png",
-                 "metrics.json", "codes_train.npy", "codes_validate.npy", "prior.keras", "prior_history.csv",
+                 "metrics.json", "codes_train.npz", "codes_validate.npz", "prior.keras", "prior_history.csv",
                  "prior_loss.png"]:
         assert (tiny_run / name).is_file(), name
     assert not list(tiny_run.glob(".*")), "temporary files left behind"
@@ -44,8 +44,9 @@ def test_train_writes_a_complete_run_folder(tiny_run):
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert metrics["vqvae"]["val_ssim"] == pytest.approx(float(rows[-1]["val_ssim"]), abs=1e-5)
     assert set(metrics["vqvae"]["val_ssim_floors"]) == {"all_black", "bilinear_x4"}  # as in "reconstruction"
-    codes = np.load(tiny_run / "codes_train.npy")
+    codes, positions = Run.open(tiny_run).read_codes("train")
     assert codes.shape == (64, 8, 8) and 0 <= codes.min() and codes.max() < 16  # 2 subjects x 32 slices
+    np.testing.assert_allclose(np.sort(positions), np.repeat(np.arange(32) / 31, 2), atol=1e-6)  # their depths
     prior_rows = list(csv.DictReader(open(tiny_run / "prior_history.csv")))
     assert len(prior_rows) == 2
     assert float(prior_rows[-1]["val_bits_per_code"]) == pytest.approx(metrics["prior"]["val_bits_per_code"],
@@ -83,22 +84,38 @@ def test_predict_rebuilds_from_the_run_folder_reports_baselines_and_generates(ti
     assert rec["all_black"]["ssim_brain_crop"]["mean"] < rec["all_black"]["ssim"]["mean"]
     gen = metrics["samples"]
     assert gen["num_samples"] == 3 and gen["seed"] == 5 and gen["temperature"] == 1.0
-    for key in ["samples_nearest_test_ssim", "samples_nearest_train_ssim", "real_val_nearest_test_ssim",
-                "real_val_nearest_train_ssim"]:
-        assert -1 <= gen[key]["min"] <= gen[key]["mean"] <= 1
-    assert 0 < gen["prior_test_bits_per_code"] < 2 * np.log2(16)
-    assert 0 < gen["real_val_brain_fraction"]["mean"] < 1
+    assert gen["conditioned_on_depth"]  # the demo's names carry slice numbers
+    assert set(gen["c2st"]) == {"real_vs_real", "reconstructions_vs_real", "samples_vs_real",
+                                "samples_at_real_depths_vs_real"}
+    for result in gen["c2st"].values():
+        assert result["n_per_set"] == 32 and 0 <= result["ci95"][0] <= result["accuracy"] <= result["ci95"][1] <= 1
+    assert "realism: can a small CNN tell these from real test slices?" in out
+    for key in ["samples", "real"]:
+        assert -1 <= gen["nearest_train_ssim"][key]["min"] <= gen["nearest_train_ssim"][key]["mean"] <= 1
+        assert 0 <= gen["brain_fraction"][key]["mean"] < 1
+    assert gen["prior_bits_per_code"]["split"] == "test" and 0 < gen["prior_bits_per_code"]["value"] < 2 * np.log2(16)
+    assert (tiny_run / "depths.png").is_file()
 
 
 def test_same_seed_same_samples(tiny_run):
     first = [p.read_bytes() for p in sorted((tiny_run / "samples").glob("*.png"))]
-    assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5"]) == 0
+    assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5", "--realism-samples", "0"]) == 0
     assert [p.read_bytes() for p in sorted((tiny_run / "samples").glob("*.png"))] == first
+
+
+def test_generation_at_given_depths(tiny_run, capsys):
+    args = ["--run", str(tiny_run), "--num-samples", "4", "--realism-samples", "0"]
+    assert predict.main([*args, "--slice-position", "0.2", "0.8"]) == 0
+    assert "at depths 0.20, 0.80" in capsys.readouterr().out
+    assert len(list((tiny_run / "samples").glob("*.png"))) == 4
+    assert predict.main([*args, "--slice-position", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--slice-position takes depths from 0" in err and err.count("\n") == 1
 
 
 def test_predict_uses_newest_run_by_default(tiny_run, monkeypatch, capsys):
     monkeypatch.chdir(tiny_run.parent.parent)
-    assert predict.main(["--runs-dir", str(tiny_run.parent), "--split", "validate"]) == 0
+    assert predict.main(["--runs-dir", str(tiny_run.parent), "--split", "validate", "--realism-samples", "0"]) == 0
     assert f"run: {tiny_run}" in capsys.readouterr().out
     assert (tiny_run / "recon_validate.png").is_file()
 
@@ -173,7 +190,7 @@ def test_a_finished_prior_is_kept_unless_retrain_is_asked_for(tiny_run, tmp_path
 
 def test_resume_trains_the_prior_of_a_run_whose_vqvae_is_trained(tiny_run, tmp_path, capsys):
     run = vqvae_only_copy(tiny_run, tmp_path / "copy",
-                          ["config.json", "vqvae.keras", "codes_train.npy", "codes_validate.npy"])
+                          ["config.json", "vqvae.keras", "codes_train.npz", "codes_validate.npz"])
     assert train.main(["--resume", str(run), "--stage", "prior", "--image-size", "64"]) == 2
     assert "drop --image-size" in capsys.readouterr().err
     assert train.main(["--resume", str(run), "--stage", "prior", "--prior-epochs", "1", "--prior-layers", "1"]) == 0

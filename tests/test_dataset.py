@@ -12,7 +12,7 @@ from PIL import Image
 
 import dataset
 import train
-from conftest import brainish, write_png
+from conftest import TINY, brainish, write_png
 from utils import UserError
 
 OASIS = {"keras_png_slices_train": 3, "keras_png_slices_validate": 2, "keras_png_slices_test": 2,
@@ -201,3 +201,33 @@ def test_resume_of_a_missing_run_folder(tmp_path, capsys):
     assert train.main(["--resume", str(tmp_path / "nope"), "--stage", "prior"]) == 2
     err = capsys.readouterr().err
     assert "nope does not exist" in err and err.count("\n") == 1
+
+
+def test_slice_positions_are_depths_within_each_subject():
+    names = ["x/case_001_slice_0.nii.png", "x/case_001_slice_31.nii.png", "case_001_slice_10.nii.png",
+             "case_002_slice_7.nii.png", "case_002_slice_9.nii.png", "case_003_slice_4.nii.png"]
+    np.testing.assert_allclose(dataset.slice_positions(names), [0, 1, 10 / 31, 0, 1, 0.5])  # one slice: the middle
+    assert list(dataset.slice_subjects(names)) == ["case_001"] * 3 + ["case_002"] * 2 + ["case_003"]
+    assert dataset.slice_positions(["case_001_slice_0.nii.png", "scan_7.png"]) is None  # one name without a number
+    assert dataset.slice_subjects(["img.png"]) is None
+
+
+@pytest.mark.slow
+def test_names_without_slice_numbers_train_an_unconditional_prior(tmp_path, capsys):
+    import predict
+    from utils import Run
+
+    for split, n in [("train", 6), ("validate", 3), ("test", 3)]:
+        for i in range(n):
+            write_png(tmp_path / "data" / split / f"scan_{split}_{i}.png", brainish(32, seed=i))
+    args = ["--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"), "--name", "plain",
+            "--epochs", "1", "--prior-epochs", "1", *TINY]
+    assert train.main(args) == 0
+    assert "file names carry no slice numbers" in capsys.readouterr().out
+    run = Run.open(tmp_path / "runs" / "plain")
+    assert run.read_config().prior_position_frequencies == 0
+    assert run.stage("prior").load_model().num_conditions == 0
+    assert predict.main(["--run", str(run.path), "--num-samples", "2", "--realism-samples", "3"]) == 0
+    assert not run.figure("depths").exists()
+    assert predict.main(["--run", str(run.path), "--slice-position", "0.5"]) == 2
+    assert "not conditioned on depth" in capsys.readouterr().err

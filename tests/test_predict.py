@@ -4,6 +4,7 @@ reconstructions and samples, each against an independent computation."""
 import numpy as np
 import pytest
 
+import modules
 import predict
 import utils
 from test_prior import K, make_prior
@@ -11,7 +12,7 @@ from test_prior import K, make_prior
 
 def test_sampler_shapes_range_seed_and_temperature():
     prior = make_prior()
-    sample = lambda temperature, seed: predict.make_sampler(prior, 5, temperature, seed)().numpy()
+    sample = lambda temperature, seed: predict.make_sampler(prior, temperature, seed)(5)
     codes = sample(1.0, 0)
     assert codes.shape == (5, 6, 7) and codes.dtype == np.int32 and codes.min() >= 0 and codes.max() < K
     np.testing.assert_array_equal(sample(1.0, 0), codes)  # same seed, same samples
@@ -19,6 +20,17 @@ def test_sampler_shapes_range_seed_and_temperature():
     greedy = sample(0.0, 0)
     np.testing.assert_array_equal(greedy, np.asarray(prior(greedy)).argmax(-1))  # the argmax path
     np.testing.assert_array_equal(sample(1e-4, 5), greedy)  # temperature -> 0 tends to it
+
+
+def test_a_depth_conditioned_sampler_draws_at_the_depths_given():
+    prior = make_prior(conditions=4)  # slice_position_features with 2 frequencies
+    sample = predict.make_sampler(prior, 0.0, 0)
+    depths = np.array([0.1, 0.9, 0.1], "float32")
+    greedy = sample(3, depths)
+    features = np.asarray(modules.slice_position_features(depths, 2))
+    np.testing.assert_array_equal(greedy, np.asarray(prior([greedy, features])).argmax(-1))  # exact under conditions
+    np.testing.assert_array_equal(greedy[0], greedy[2])  # same depth, same greedy sample
+    assert not np.array_equal(greedy[0], greedy[1])
 
 
 def test_bits_per_code_is_the_categorical_cross_entropy():
@@ -63,3 +75,34 @@ def test_ssim_psnr_and_the_bilinear_floor_equal_tensorflows():
     small = tf.image.resize(images, (8, 8), method="bilinear", antialias=True)
     expected = np.clip(tf.image.resize(small, (32, 32), method="bilinear").numpy(), 0, 1)
     np.testing.assert_allclose(utils.bilinear_baseline(images, 4), expected, atol=1e-6)
+
+
+def test_c2st_cannot_tell_real_from_real_and_always_tells_real_from_wrong():
+    """The realism metric must be able to fail: two real sets score about 0.5, a blurred or a shuffled set about 1."""
+    import dataset
+
+    template = dataset.mni152_template()
+    subjects = [dataset.demo_subject(*template, np.random.default_rng([7, s]))[0] for s in range(8)]
+    slices = np.stack(subjects)[:, ::2, ::8, ::8, None].astype("float32") / 255  # 8 subjects x 16 depths, 32 px
+    first, second = slices[:4].reshape(-1, 32, 32, 1), slices[4:].reshape(-1, 32, 32, 1)  # 4 other subjects each
+    subject = np.repeat(np.arange(4), 16)
+    same = utils.c2st(first, second, groups=(subject, subject + 4), folds=4, epochs=15, size=32)
+    assert same["n_per_set"] == 64 and same["grouped"] and same["ci95"][0] < 0.5 < same["ci95"][1]
+
+    blurred = utils.downsized(second, 4).repeat(8, axis=1).repeat(8, axis=2)  # 4x4 blocks of 8x8 pixels
+    assert utils.c2st(first, blurred, groups=(subject, subject + 4), folds=4, epochs=15, size=32)["accuracy"] >= 0.9
+    rng = np.random.default_rng(0)
+    shuffled = np.stack([image.reshape(-1)[rng.permutation(image.size)].reshape(image.shape) for image in second])
+    assert utils.c2st(first, shuffled, folds=4, epochs=15, size=32)["accuracy"] >= 0.9
+
+
+def test_cluster_bootstrap_interval_widens_with_fewer_groups():
+    rng = np.random.default_rng(0)
+    outcomes = [rng.random(200) < 0.7, rng.random(200) < 0.7]
+    alone = utils.cluster_bootstrap_interval(outcomes, [np.arange(200), np.arange(200)], rng)
+    mean = np.concatenate(outcomes).mean()
+    assert alone[0] < mean < alone[1] and alone[1] - alone[0] < 0.12  # about +-1.96 sqrt(0.21 / 400)
+    subject = [np.repeat(np.arange(4), 50)] * 2
+    alike = [np.repeat(rng.random(4) < 0.7, 50), np.repeat(rng.random(4) < 0.7, 50)]  # a subject judged as one
+    wide = utils.cluster_bootstrap_interval(alike, subject, rng)
+    assert wide[1] - wide[0] > 0.3

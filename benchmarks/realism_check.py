@@ -1,0 +1,78 @@
+"""Can the realism test fail? The classifier two-sample test (utils.c2st) that predict.py headlines, run on sets whose
+answer is known: real against real (should be about 0.5), and real against obviously wrong sets (blurred to what
+the code grid's size keeps, pixels shuffled, blank, a blob of the brain's mean shape: should be near 1.0).
+With --run, the run's VQ-VAE reconstructions join the table.
+
+    python benchmarks/realism_check.py                       # the demo set (built if missing), 128 px
+    python benchmarks/realism_check.py --run runs/demo       # + that run's reconstructions
+
+Real sets: the validation split against the test split (different subjects), as predict.py does. The last line is
+JSON.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+import dataset  # noqa: E402
+import utils  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default=utils.DEMO_PRESET["data_dir"], help="data (default: the demo set)")
+    parser.add_argument("--image-size", type=int, default=utils.DEMO_PRESET["image_size"])
+    parser.add_argument("--run", help="a run folder: its VQ-VAE's reconstructions are judged too")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not Path(args.data_dir).exists():
+        dataset.make_demo(args.data_dir)
+    files = {split: dataset.split_files(args.data_dir, split) for split in ("validate", "test")}
+    images = {split: dataset.load_images(names, args.image_size) for split, names in files.items()}
+    subjects = {split: dataset.slice_subjects(names) for split, names in files.items()}
+    val, test = images["validate"], images["test"]
+    rng = np.random.default_rng(args.seed)
+    mean_shape = (val > utils.BRAIN_THRESHOLD).mean(axis=0) * val[val > utils.BRAIN_THRESHOLD].mean()
+    sets = {
+        "real validation slices (the ideal: 0.5)": val,
+        "validation slices blurred to bilinear x4 down/up": utils.bilinear_baseline(val, 4),
+        "validation slices, pixels shuffled": np.stack([v.reshape(-1)[rng.permutation(v.size)].reshape(v.shape)
+                                                        for v in val]),
+        "blank (all black)": np.zeros_like(val),
+        "the mean brain-shaped blob, plus noise": np.clip(mean_shape[None] + rng.normal(0, 0.05, val.shape), 0, 1),
+    }
+    if args.run:
+        vqvae = utils.Run.open(args.run).stage("vqvae").load_model(float32=True)
+        sets[f"VQ-VAE reconstructions of the validation slices ({args.run})"] = utils.reconstruct(vqvae, val)[0]
+    print(f"C2ST against the {len(test)} test slices ({args.data_dir}, {args.image_size} px); 0.5 = cannot be told "
+          "apart, 1.0 = always")
+    results = {}
+    for label, candidate in sets.items():
+        start = time.perf_counter()
+        groups = (subjects["validate"], subjects["test"])  # every set here is made from the validation slices
+        result = utils.c2st(candidate, test, groups=groups, size=min(64, args.image_size), seed=args.seed)
+        results[label] = result
+        low, high = result["ci95"]
+        print(f"{label:>58}: {result['accuracy']:.3f} [{low:.3f}, {high:.3f}]  ({time.perf_counter() - start:.0f} s)")
+    print(json.dumps({"benchmark": "realism_check", "data_dir": args.data_dir, "image_size": args.image_size,
+                      "n_per_set": min(len(val), len(test)),
+                      "accuracy": {label: round(r["accuracy"], 3) for label, r in results.items()},
+                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
