@@ -36,7 +36,8 @@ def lowered_train_step(model, x, y) -> str:
     import tensorflow as tf
 
     step = tf.function(lambda x, y: model.train_step((x, y)), jit_compile=True)
-    return step.experimental_get_compiler_ir(tf.constant(x), tf.constant(y))(stage="hlo")
+    x, y = tf.nest.map_structure(tf.constant, (x, y))
+    return step.experimental_get_compiler_ir(x, y)(stage="hlo")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
@@ -47,8 +48,9 @@ def test_no_scatter_in_the_compiled_vqvae_and_prior_training_steps(dtype):
     assert "dot" in text and "scatter" not in text.lower()  # the lookup is a matmul, its gradient too
 
     codes = np.random.default_rng(0).integers(0, CONFIG.num_embeddings, (4, 8, 8)).astype("int32")
-    prior = modules.new_prior(CONFIG, steps_per_epoch=1, dtype=dtype)
-    text = lowered_train_step(prior, codes, codes)
+    prior = modules.new_prior(CONFIG, steps_per_epoch=1, dtype=dtype)  # conditioned on depth, as by default
+    depths = np.asarray(modules.slice_position_features(np.linspace(0, 1, 4), CONFIG.prior_position_frequencies))
+    text = lowered_train_step(prior, (codes, depths), codes)
     assert "dot" in text and "scatter" not in text.lower()
 
 
@@ -82,9 +84,11 @@ def test_a_tiny_fit_with_codebook_restarts_then_a_compiled_sample():
 
     codes = np.asarray(vqvae.encode(images)).astype("int32")  # (16, 8, 8)
     prior = modules.new_prior(CONFIG, steps_per_epoch=4)
-    prior.fit(codes, codes, batch_size=4, epochs=1, verbose=0)
-    greedy = np.asarray(compiled(lambda: prior.sample(3, lambda logits, position: keras.ops.argmax(logits, -1)))())
+    features = np.asarray(modules.slice_position_features(np.linspace(0, 1, 16), CONFIG.prior_position_frequencies))
+    prior.fit([codes, features], codes, batch_size=4, epochs=1, verbose=0)
+    argmax = lambda logits, position: keras.ops.argmax(logits, -1)  # noqa: E731
+    greedy = np.asarray(compiled(lambda condition: prior.sample(3, argmax, condition))(features[:3]))
     assert greedy.shape == (3, 8, 8)
     # exact on this backend: a greedy sample is a fixed point of the full model's argmax
-    np.testing.assert_array_equal(np.asarray(keras.ops.argmax(prior(greedy), axis=-1)), greedy)
+    np.testing.assert_array_equal(np.asarray(keras.ops.argmax(prior([greedy, features[:3]]), axis=-1)), greedy)
     assert np.asarray(vqvae.decode(greedy)).shape == (3, 32, 32, 1)
