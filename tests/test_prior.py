@@ -48,6 +48,17 @@ def test_masked_conv_ignores_masked_weights_and_sees_only_the_past(mask_type):
     assert changed == (mask_type == "B")
 
 
+@pytest.mark.parametrize("kernel_size, mask_type", [((5, 5), "V"), ((3, 3), "A"), ((5, 5), "B"), ((1, 5), "A"),
+                                                    ((1, 3), "B"), ((3, 5), "V")])
+def test_masked_conv_convolves_only_the_kept_part_with_the_same_result(kernel_size, mask_type):
+    layer = MaskedConv2D(3, kernel_size, mask_type)
+    x = np.random.default_rng(0).normal(size=(2, 7, 6, 4)).astype("float32")
+    out = np.asarray(layer(x))
+    expected = np.asarray(keras.ops.conv(x, layer.masked_kernel(), padding="same") + layer.bias)
+    assert out.shape == (2, 7, 6, 3)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def raster_influence(prior, codes, position):
     """Which output positions change when the code at `position` changes."""
     base = np.asarray(prior(codes))
