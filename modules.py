@@ -35,49 +35,84 @@ class VectorQuantizer(layers.Layer):
     """Maps each D-vector of its input to the nearest of `num_embeddings` codebook vectors (squared Euclidean).
 
     Forward, the output is the nearest code e_k; backward, the gradient passes straight through to the input
-    (z_e + stop_gradient(e_k - z_e)). During training it adds the paper's loss
+    (z_e + stop_gradient(e_k - z_e)). It adds the paper's loss
         || stop_gradient(z_e) - e_k ||^2  +  commitment_cost * || z_e - stop_gradient(e_k) ||^2
-    (codebook loss: moves the codes towards the encoder outputs; commitment loss: keeps the encoder near its codes).
+    The codebook term is minimised by exponential moving averages, as the paper's appendix A.1 offers (and VQ-VAE-2
+    does), not by gradient descent: in training, each code moves to the moving average of the encoder outputs that
+    picked it (decay 0.99), so codes keep up with an encoder trained at a high learning rate, which Adam-trained
+    codes did not (they fell behind and the codebook collapsed to a few codes). The commitment term trains the
+    encoder. The codebook is ema_dw / ema_cluster_size, both kept as fractions of a batch's vectors, so that the
+    updates of several replicas, averaged, equal the update of their whole batch.
 
     Example: inputs (8, 16, 16, 32) with num_embeddings=128, embedding_dim=32 give outputs (8, 16, 16, 32) and
     `nearest_codes(inputs)[1]`, the code indices, (8, 16, 16) int32 in [0, 128).
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25, **kwargs):
+    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25, decay: float = 0.99,
+                 epsilon: float = 1e-5, **kwargs):
         super().__init__(**kwargs)
         _check_positive(num_embeddings=num_embeddings, embedding_dim=embedding_dim)
         if commitment_cost < 0:
             raise ValueError(f"commitment_cost must be >= 0, got {commitment_cost}")
+        if not 0 <= decay < 1:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.commitment_cost = commitment_cost
+        self.decay, self.epsilon = decay, epsilon
 
     def build(self, input_shape):
         if input_shape[-1] != self.embedding_dim:
             raise ValueError(f"VectorQuantizer expects inputs with {self.embedding_dim} channels, got {input_shape}")
-        # (K, D): row k is code e_k. Uniform in +-sqrt(3/D) puts the codes at the scale of unit-variance inputs.
-        self.embeddings = self.add_weight(
-            name="embeddings", shape=(self.num_embeddings, self.embedding_dim),
-            initializer=keras.initializers.VarianceScaling(distribution="uniform"), trainable=True)
+        k, d = self.num_embeddings, self.embedding_dim
+        # The share of a batch's vectors each code takes (K,), and the sum of those vectors over the batch's size
+        # (K, D). Codes start uniform in +-sqrt(3/K) (VarianceScaling over (K, D)), each with a 1/K share.
+        self.ema_cluster_size = self.add_weight(name="ema_cluster_size", shape=(k,), trainable=False,
+                                                initializer=keras.initializers.Constant(1.0 / k), aggregation="mean")
+        self.ema_dw = self.add_weight(name="ema_dw", shape=(k, d), trainable=False, aggregation="mean",
+                                      initializer=keras.initializers.VarianceScaling(scale=1.0 / k**2,
+                                                                                     distribution="uniform"))
+
+    def codebook(self):
+        """(K, D) float32: row k is code e_k, the moving average of the vectors that picked it."""
+        cluster_size = ops.convert_to_tensor(self.ema_cluster_size)
+        total = ops.sum(cluster_size)
+        smoothed = (cluster_size + self.epsilon) / (total + self.num_embeddings * self.epsilon) * total  # Laplace
+        return ops.convert_to_tensor(self.ema_dw) / smoothed[:, None]
+
+    def set_codebook(self, codebook) -> None:
+        """Makes `codebook` (K, D) the codes, each with an equal share of the vectors."""
+        self.ema_cluster_size.assign(ops.full((self.num_embeddings,), 1.0 / self.num_embeddings))
+        self.ema_dw.assign(ops.convert_to_tensor(codebook, "float32") / self.num_embeddings)
 
     def nearest_indices(self, inputs):
         """(..., D) -> (...) int32 index of the nearest code."""
         flat = ops.cast(ops.reshape(inputs, (-1, self.embedding_dim)), "float32")  # (M, D), bf16/fp16 in: upcast
-        embeddings = ops.cast(self.embeddings, "float32")
+        codebook = self.codebook()
         # ||x - e||^2 = ||x||^2 - 2 x.e + ||e||^2, without materialising an (M, K, D) tensor.
-        distances = (ops.sum(flat**2, axis=1, keepdims=True) - 2.0 * ops.matmul(flat, ops.transpose(embeddings))
-                     + ops.sum(embeddings**2, axis=1)[None, :])  # (M, K)
+        distances = (ops.sum(flat**2, axis=1, keepdims=True) - 2.0 * ops.matmul(flat, ops.transpose(codebook))
+                     + ops.sum(codebook**2, axis=1)[None, :])  # (M, K)
         indices = ops.cast(ops.argmin(distances, axis=1), "int32")
         return ops.reshape(indices, ops.shape(inputs)[:-1])
 
     def embed(self, indices):
         """(...) int code indices -> (..., D) codebook vectors (float32)."""
-        return one_hot_lookup(ops.cast(self.embeddings, "float32"), indices)
+        return one_hot_lookup(self.codebook(), indices)
 
     def nearest_codes(self, inputs):
         """(..., D) -> (nearest codes (..., D), indices (...)); no loss, no gradient trick."""
         indices = self.nearest_indices(inputs)
         return ops.cast(self.embed(indices), inputs.dtype), indices
+
+    def update_codebook(self, inputs, indices) -> None:
+        """One moving-average step of the codebook towards the vectors `inputs` (..., D) that picked `indices`."""
+        flat = ops.reshape(ops.stop_gradient(inputs), (-1, self.embedding_dim))  # (M, D)
+        one_hot = ops.one_hot(ops.reshape(indices, (-1,)), self.num_embeddings, dtype="float32")  # (M, K)
+        size = ops.cast(ops.shape(flat)[0], "float32")
+        share = ops.sum(one_hot, axis=0) / size  # (K,)
+        mean_sum = ops.matmul(ops.transpose(one_hot), flat) / size  # (K, D), a dense matmul: no scatter
+        self.ema_cluster_size.assign(self.decay * self.ema_cluster_size + (1 - self.decay) * share)
+        self.ema_dw.assign(self.decay * self.ema_dw + (1 - self.decay) * mean_sum)
 
     def restart_unused_codes(self, inputs, seed=None) -> int:
         """Moves every code that no vector of `inputs` (..., D) picks onto a randomly chosen input vector, so
@@ -85,14 +120,20 @@ class VectorQuantizer(layers.Layer):
         flat = ops.reshape(ops.convert_to_tensor(inputs, "float32"), (-1, self.embedding_dim))
         used = ops.bincount(self.nearest_indices(flat), minlength=self.num_embeddings) > 0  # (K,)
         picks = keras.random.randint((self.num_embeddings,), 0, ops.shape(flat)[0], seed=seed)
-        codebook = ops.convert_to_tensor(self.embeddings)  # an array, not the variable: JAX refuses variables here
-        self.embeddings.assign(ops.where(used[:, None], codebook, ops.take(flat, picks, axis=0)))
+        codebook = ops.where(used[:, None], self.codebook(), ops.take(flat, picks, axis=0))
+        cluster_size = ops.where(used, ops.convert_to_tensor(self.ema_cluster_size), 1.0 / self.num_embeddings)
+        total = ops.sum(cluster_size)
+        smoothed = (cluster_size + self.epsilon) / (total + self.num_embeddings * self.epsilon) * total
+        self.ema_cluster_size.assign(cluster_size)
+        self.ema_dw.assign(codebook * smoothed[:, None])  # the used codes stay where they were
         return int(self.num_embeddings - ops.sum(ops.cast(used, "int32")))
 
-    def call(self, inputs):
+    def call(self, inputs, training=False):
         inputs = ops.cast(inputs, "float32")  # losses and the straight-through sum in full precision
-        quantized, _ = self.nearest_codes(inputs)
-        codebook_loss = ops.mean((ops.stop_gradient(inputs) - quantized) ** 2)
+        quantized, indices = self.nearest_codes(inputs)
+        if training:
+            self.update_codebook(inputs, indices)
+        codebook_loss = ops.mean((ops.stop_gradient(inputs) - quantized) ** 2)  # no gradient: minimised by the EMA
         commitment_loss = ops.mean((inputs - ops.stop_gradient(quantized)) ** 2)
         self.add_loss(codebook_loss + self.commitment_cost * commitment_loss)
         return inputs + ops.stop_gradient(quantized - inputs)  # straight-through estimator
@@ -101,8 +142,8 @@ class VectorQuantizer(layers.Layer):
         return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "num_embeddings": self.num_embeddings,
-                "embedding_dim": self.embedding_dim, "commitment_cost": self.commitment_cost}
+        return {**super().get_config(), "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "commitment_cost": self.commitment_cost, "decay": self.decay, "epsilon": self.epsilon}
 
 
 def one_hot_lookup(table, indices):
@@ -260,8 +301,9 @@ class VQVAE(keras.Model):
         self.quantizer.build(code_shape)
         self.decoder.build(code_shape)
 
-    def call(self, images):
-        return self.decoder(self.quantizer(self.encoder(images)))
+    def call(self, images, training=False):
+        # `training` is passed on explicitly: in training the quantizer also moves its codes (moving averages)
+        return self.decoder(self.quantizer(self.encoder(images), training=training))
 
     def encode(self, images):
         """(N, H, W, 1) images -> (N, H/f, W/f) int32 code grid."""

@@ -386,10 +386,13 @@ def encoded_split(run: Run, vqvae, config: Config, split: str,
                   chunk: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
     """The (N, h, w) int16 code grids of a split and the (N,) slice positions of its files (None when the names carry
     no slice numbers): encoded once, `chunk` files at a time, then read from the run folder."""
-    cached = run.read_codes(split)
-    if cached is not None:
-        return cached
     files = dataset.split_files(config.data_dir, split)
+    cached = run.read_codes(split)
+    if cached is not None and len(cached[0]) == len(files):
+        return cached
+    if cached is not None:
+        print(f"note: the cached {split} codes are of {len(cached[0])} slices, {config.data_dir} has {len(files)}; "
+              "encoding them again")
     start = time.time()
     codes = np.concatenate([utils.batched(vqvae.encode, dataset.load_images(files[i:i + chunk], config.image_size))
                             for i in range(0, len(files), chunk)]).astype(np.int16)

@@ -74,12 +74,12 @@ def test_a_tiny_fit_with_codebook_restarts_then_a_compiled_sample():
     rng = np.random.default_rng(0)
     images = rng.random((16, 32, 32, 1)).astype("float32")
     vqvae = modules.new_vqvae(CONFIG, steps_per_epoch=4)
-    dead = np.asarray(vqvae.quantizer.embeddings.numpy()) + 100.0  # every code far away: none is picked
-    vqvae.quantizer.embeddings.assign(dead)
+    dead = np.asarray(vqvae.quantizer.codebook()) + 100.0  # every code far away: none is picked
+    vqvae.quantizer.set_codebook(dead)
     history = vqvae.fit(images, images, batch_size=4, epochs=2, verbose=0,
                         callbacks=[train.RestartUnusedCodes(images, seed=0)])
     assert np.all(np.isfinite(history.history["loss"]))
-    moved = np.abs(vqvae.quantizer.embeddings.numpy() - dead).max(axis=1) > 50.0
+    moved = np.abs(np.asarray(vqvae.quantizer.codebook()) - dead).max(axis=1) > 50.0
     assert moved.sum() >= CONFIG.num_embeddings - 2  # the unused ones moved onto encoder outputs before epoch 2
 
     codes = np.asarray(vqvae.encode(images)).astype("int32")  # (16, 8, 8)

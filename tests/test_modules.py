@@ -23,7 +23,7 @@ def quantizer(k=16, d=4, beta=0.25, seed=0):
 def test_nearest_code_matches_brute_force_numpy():
     q = quantizer(k=37, d=5)
     z = np.random.default_rng(1).normal(size=(3, 7, 6, 5)).astype("float32")
-    codebook = q.embeddings.numpy()
+    codebook = np.asarray(q.codebook())
     expected = np.argmin(((z[..., None, :] - codebook) ** 2).sum(-1), axis=-1)  # (3, 7, 6)
     indices = np.asarray(q.nearest_indices(z))
     assert indices.shape == (3, 7, 6) and indices.dtype == np.int32
@@ -55,19 +55,55 @@ def test_codebook_and_commitment_losses_and_their_gradients():
     q = quantizer(k=6, d=3, beta=beta)
     z = np.random.default_rng(2).normal(size=(10, 3)).astype("float32")
 
-    def vq_loss(inputs, codebook):
-        _, _, losses = q.stateless_call([codebook], [], inputs, return_losses=True)
-        return losses[0]
+    def vq_loss(inputs):
+        q(inputs)
+        return q.losses[0]
 
-    nearest = q.embeddings.numpy()[np.asarray(q.nearest_indices(z))]
+    nearest = np.asarray(q.codebook())[np.asarray(q.nearest_indices(z))]
     diff = z - nearest
-    np.testing.assert_allclose(float(vq_loss(z, q.embeddings.value)), (1 + beta) * np.mean(diff**2), rtol=1e-5)
-    grad_z, grad_codebook = gradients(vq_loss, ops.convert_to_tensor(z), q.embeddings.value)
-    # commitment term only reaches the encoder output; codebook term only reaches the codes
+    np.testing.assert_allclose(float(vq_loss(z)), (1 + beta) * np.mean(diff**2), rtol=1e-5)
+    # commitment term only reaches the encoder output; the codes are no gradient descent's (the EMA moves them)
+    (grad_z,) = gradients(vq_loss, ops.convert_to_tensor(z))
     np.testing.assert_allclose(np.asarray(grad_z), beta * 2 * diff / diff.size, rtol=1e-4, atol=1e-7)
-    expected = np.zeros((6, 3), "float32")
-    np.add.at(expected, np.asarray(q.nearest_indices(z)), -2 * diff / diff.size)
-    np.testing.assert_allclose(np.asarray(grad_codebook), expected, rtol=1e-4, atol=1e-7)
+    assert q.trainable_weights == []
+
+
+def test_the_codebook_moves_by_its_moving_average_and_only_in_training():
+    decay = 0.9
+    keras.utils.set_random_seed(0)
+    q = VectorQuantizer(4, 2, decay=decay, epsilon=1e-5)
+    q.build((None, 2))
+    start = np.array([[0, 0], [10, 0], [0, 10], [50, 50]], "float32")
+    q.set_codebook(start)
+    z = np.array([[1, 0], [0, 1], [9, 1], [11, -1], [1, 9], [-1, 11], [0.5, 0.5], [10, 2]], "float32")
+    q(z)  # inference: nothing moves
+    np.testing.assert_allclose(np.asarray(q.codebook()), start, atol=1e-6)
+    q(z, training=True)
+    # NumPy: shares and mean sums over the 8 vectors, one EMA step, Laplace smoothing of the shares
+    picked = np.argmin(((z[:, None] - start[None]) ** 2).sum(-1), axis=1)  # codes 0, 0, 1, 1, 2, 2, 0, 1
+    share = np.bincount(picked, minlength=4) / len(z)
+    sums = np.stack([z[picked == k].sum(0) for k in range(4)]) / len(z)
+    cluster = decay * 0.25 + (1 - decay) * share
+    dw = decay * start / 4 + (1 - decay) * sums
+    smoothed = (cluster + 1e-5) / (cluster.sum() + 4e-5) * cluster.sum()
+    np.testing.assert_allclose(np.asarray(q.codebook()), dw / smoothed[:, None], rtol=1e-5, atol=1e-5)
+    for _ in range(200):  # repeated, each used code settles at the mean of the vectors that pick it
+        q(z, training=True)
+    means = np.stack([z[picked == k].mean(0) for k in range(3)])
+    np.testing.assert_allclose(np.asarray(q.codebook())[:3], means, atol=1e-3)
+
+
+def test_the_vqvae_moves_its_codes_when_fit_and_not_when_used():
+    keras.utils.set_random_seed(0)
+    model = VQVAE(downsample=4, num_embeddings=8, embedding_dim=4, hidden_channels=8, num_res_blocks=1)
+    x = np.random.default_rng(0).random((4, 16, 16, 1)).astype("float32")
+    model.build(x.shape)
+    start = np.asarray(model.quantizer.codebook())
+    model(x), model.encode(x), model.decode(np.zeros((4, 4, 4), "int32"))
+    np.testing.assert_array_equal(np.asarray(model.quantizer.codebook()), start)
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, x, epochs=1, verbose=0)  # fit passes training=True down to the quantizer
+    assert np.abs(np.asarray(model.quantizer.codebook()) - start).max() > 1e-4
 
 
 def test_one_hot_lookup_gives_the_rows_a_gather_gives():
@@ -130,10 +166,10 @@ def test_invalid_arguments_are_rejected():
 def test_restart_moves_only_unused_codes_onto_inputs():
     q = quantizer(k=8, d=2)
     codebook = np.array([[0, 0], [10, 10]] + [[100 + i, 100] for i in range(6)], "float32")
-    q.embeddings.assign(codebook)
+    q.set_codebook(codebook)
     z = np.array([[0.1, 0], [9, 10], [0, 0.2]], "float32")  # picks codes 0 and 1 only
     assert q.restart_unused_codes(z, seed=0) == 6
-    new = q.embeddings.numpy()
+    new = np.asarray(q.codebook())
     np.testing.assert_array_equal(new[:2], codebook[:2])
     for row in new[2:]:
         assert any(np.allclose(row, v) for v in z)
