@@ -98,8 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, help="sampling seed (default: the run's seed); same seed, same samples")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="write figures, samples and metrics.json here instead of into the run folder")
-    parser.add_argument("--realism-samples", type=int, default=256, metavar="N",
-                        help="samples the realism test judges against as many real slices (default 256, or fewer "
+    parser.add_argument("--realism-samples", type=int, default=128, metavar="N",
+                        help="samples the realism test judges against as many real slices (default 128, or fewer "
                              "if the validation or test split is smaller; 0 skips the test)")
     return parser.parse_args(argv)
 
@@ -240,7 +240,11 @@ def generate(run: Run, out: Run, config: utils.Config, vqvae, args: argparse.Nam
                   "samples_vs_real": (samples, None)}  # independent draws: each its own group
         if conditioned and real.positions is not None:
             judged["samples_at_real_depths_vs_real"] = (generated(n, real.positions[pick]), None)
-        section["c2st"] = realism(judged, test, seed)
+        # The two references depend on the data and the VQ-VAE only: measured once, then read from metrics.json.
+        reference = {"n": n, "seed": seed, "data_dir": str(data_dir), "vqvae": checkpoint_stamp(run, "vqvae")}
+        known = previous_references(out, reference)
+        section["c2st"] = realism({k: v for k, v in judged.items() if k not in known}, test, seed, known)
+        section["c2st_reference"] = reference
         section["nearest_train_ssim"] = copy_check(samples, real_images, config, data_dir)
         section["brain_fraction"] = {"samples": utils.summarize(utils.brain_fraction(samples)),
                                      "real": utils.summarize(utils.brain_fraction(real_images))}
@@ -276,24 +280,45 @@ class Depths:
         return self.rng.choice(self.positions, n)
 
 
-def realism(judged: dict, test: Split, seed: int) -> dict:
-    """C2ST accuracy of each (images, subject ids or None) set against the real test slices, printed as a table."""
+def realism(judged: dict, test: Split, seed: int, known: dict) -> dict:
+    """C2ST accuracy of each (images, subject ids or None) set against the real test slices, beside the `known`
+    results measured before, printed as a table."""
     labels = {"real_vs_real": "real validation slices (the ideal)",
               "reconstructions_vs_real": "VQ-VAE reconstructions (a perfect prior's)",
               "samples_vs_real": "samples, depths drawn from training",
               "samples_at_real_depths_vs_real": "samples at the validation depths"}
-    size = min(64, test.images.shape[1])
+    size = min(utils.C2ST_SIZE, test.images.shape[1])
     print(f"realism: can a small CNN tell these from real test slices? (classifier two-sample test, 5-fold, at "
           f"{size} px; 0.5 = indistinguishable, 1.0 = always told apart)")
-    results = {}
+    results = dict(known)
     for name, (images, subjects) in judged.items():
         if subjects is None:  # independent samples: each a group of its own
             subjects = np.array([f"sample {i}" for i in range(len(images))])
-        results[name] = utils.c2st(images, test.images, groups=(subjects, test.subjects()), size=size, seed=seed)
-        low, high = results[name]["ci95"]
-        print(f"{labels[name]:>46}  accuracy {results[name]['accuracy']:.3f}  [{low:.3f}, {high:.3f}]  "
-              f"n = {results[name]['n_per_set']} per set")
+        results[name] = utils.c2st(images, test.images, groups=(subjects, test.subjects()), seed=seed)
+    for name in labels:
+        if name in results:
+            low, high = results[name]["ci95"]
+            print(f"{labels[name]:>46}  accuracy {results[name]['accuracy']:.3f}  [{low:.3f}, {high:.3f}]  "
+                  f"n = {results[name]['n_per_set']} per set{' (measured before)' if name in known else ''}")
     return results
+
+
+def checkpoint_stamp(run: Run, stage: str) -> list[int]:
+    """Size and modification time of a stage's checkpoint: a retrained stage has another."""
+    status = run.stage(stage).checkpoint.stat()
+    return [status.st_size, status.st_mtime_ns]
+
+
+def previous_references(out: Run, reference: dict) -> dict:
+    """The real-vs-real and reconstruction C2STs of an earlier predict.py on the same data, VQ-VAE, n and seed."""
+    try:
+        previous = out.read_metrics().get("samples", {})
+    except UserError:  # a damaged metrics.json: measure again (update_metrics keeps the damaged one aside)
+        return {}
+    if previous.get("c2st_reference") != reference:
+        return {}
+    return {name: previous["c2st"][name] for name in ("real_vs_real", "reconstructions_vs_real")
+            if name in previous.get("c2st", {})}
 
 
 def copy_check(samples: np.ndarray, real: np.ndarray, config: utils.Config, data_dir: str) -> dict:

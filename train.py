@@ -359,7 +359,8 @@ def train_prior(run: Run, config: Config, hardware: Hardware, retrain: bool = Fa
     steps_per_epoch = int(np.ceil(len(cached["train"][0]) / config.prior_batch_size))
     prior = stage_model(stage, config.prior_epochs, hardware,
                         lambda dtype, jit: modules.new_prior(config, steps_per_epoch, dtype, jit))
-    curves = CurveWriter(stage, [(run.figure("prior_loss"), {"bits_per_code": "train", "val_bits_per_code": "validation"},
+    curves = CurveWriter(stage, [(run.figure("prior_loss"), {"bits_per_code": "train",
+                                                             "val_bits_per_code": "validation"},
                                   "NLL (bits per code)", "PixelCNN prior", None)])
     callbacks = [StopOnNonFiniteLoss(stage, "--prior-learning-rate", config.prior_learning_rate), BitsPerCode(),
                  curves, Checkpoint(stage)]

@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         dataset.make_demo(args.data_dir)
     rng = np.random.default_rng(0)
     files = dataset.split_files(args.data_dir, "train")
-    train_images = dataset.load_images(sorted(rng.choice(files, min(args.train_slices, len(files)), replace=False)), 256)
+    picked = sorted(rng.choice(files, min(args.train_slices, len(files)), replace=False))
+    train_images = dataset.load_images(picked, 256)
     val_files = dataset.split_files(args.data_dir, "validate")
     val_images = dataset.load_images(sorted(rng.choice(val_files, min(args.held_out, len(val_files)), replace=False)),
                                      256)

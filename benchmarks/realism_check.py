@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, candidate in sets.items():
         start = time.perf_counter()
         groups = (subjects["validate"], subjects["test"])  # every set here is made from the validation slices
-        result = utils.c2st(candidate, test, groups=groups, size=min(64, args.image_size), seed=args.seed)
+        result = utils.c2st(candidate, test, groups=groups, seed=args.seed)
         results[label] = result
         low, high = result["ci95"]
         print(f"{label:>58}: {result['accuracy']:.3f} [{low:.3f}, {high:.3f}]  ({time.perf_counter() - start:.0f} s)")

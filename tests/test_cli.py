@@ -97,6 +97,15 @@ def test_predict_rebuilds_from_the_run_folder_reports_baselines_and_generates(ti
     assert (tiny_run / "depths.png").is_file()
 
 
+def test_the_realism_references_are_measured_once_per_vqvae(tiny_run, capsys):
+    first = json.loads((tiny_run / "metrics.json").read_text())["samples"]["c2st"]
+    assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5"]) == 0
+    assert capsys.readouterr().out.count("(measured before)") == 2  # real vs real, and the reconstructions
+    again = json.loads((tiny_run / "metrics.json").read_text())["samples"]["c2st"]
+    assert {k: again[k] for k in ("real_vs_real", "reconstructions_vs_real")} == \
+        {k: first[k] for k in ("real_vs_real", "reconstructions_vs_real")}
+
+
 def test_same_seed_same_samples(tiny_run):
     first = [p.read_bytes() for p in sorted((tiny_run / "samples").glob("*.png"))]
     assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5", "--realism-samples", "0"]) == 0

@@ -106,7 +106,8 @@ def test_two_replicas_train_like_one(demo_dir, tmp_path):
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     assert "2 replica(s) on /cpu:0, /cpu:1" in two.stdout
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert metrics["vqvae"]["hardware"].startswith("2 replica(s)") and "float32; XLA off" in metrics["prior"]["hardware"]
+    assert metrics["vqvae"]["hardware"].startswith("2 replica(s)")
+    assert "float32; XLA off" in metrics["prior"]["hardware"]
     for csv_name, column in [("history.csv", "loss"), ("history.csv", "val_ssim"),
                              ("prior_history.csv", "loss"), ("prior_history.csv", "val_loss")]:
         np.testing.assert_allclose(losses(tmp_path / "two" / csv_name, column),
