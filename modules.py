@@ -17,6 +17,7 @@ Shapes at the OASIS preset (256 px, downsample 4, D = 64, K = 512):
 from __future__ import annotations
 
 import math
+import threading
 
 import keras
 from keras import layers, ops
@@ -60,6 +61,7 @@ class VectorQuantizer(layers.Layer):
         self.embedding_dim = embedding_dim
         self.commitment_cost = commitment_cost
         self.decay, self.epsilon = decay, epsilon
+        self._thread = threading.local()
 
     def build(self, input_shape):
         if input_shape[-1] != self.embedding_dim:
@@ -85,10 +87,10 @@ class VectorQuantizer(layers.Layer):
         self.ema_cluster_size.assign(ops.full((self.num_embeddings,), 1.0 / self.num_embeddings))
         self.ema_dw.assign(ops.convert_to_tensor(codebook, "float32") / self.num_embeddings)
 
-    def nearest_indices(self, inputs):
-        """(..., D) -> (...) int32 index of the nearest code."""
+    def nearest_indices(self, inputs, codebook=None):
+        """(..., D) -> (...) int32 index of the nearest code (of `codebook`, by default the current one)."""
         flat = ops.cast(ops.reshape(inputs, (-1, self.embedding_dim)), "float32")  # (M, D), bf16/fp16 in: upcast
-        codebook = self.codebook()
+        codebook = self.codebook() if codebook is None else codebook
         # ||x - e||^2 = ||x||^2 - 2 x.e + ||e||^2, without materialising an (M, K, D) tensor.
         distances = (ops.sum(flat**2, axis=1, keepdims=True) - 2.0 * ops.matmul(flat, ops.transpose(codebook))
                      + ops.sum(codebook**2, axis=1)[None, :])  # (M, K)
@@ -130,12 +132,18 @@ class VectorQuantizer(layers.Layer):
 
     def call(self, inputs, training=False):
         inputs = ops.cast(inputs, "float32")  # losses and the straight-through sum in full precision
-        quantized, indices = self.nearest_codes(inputs)
-        if training:
-            self.update_codebook(inputs, indices)
+        # One read of the codebook, before its update: under a MirroredStrategy a second read could come after
+        # the replicas' synchronised update and give the step's loss and output a different codebook.
+        codebook = self.codebook()
+        indices = self.nearest_indices(inputs, codebook)
+        quantized = one_hot_lookup(codebook, indices)
         codebook_loss = ops.mean((ops.stop_gradient(inputs) - quantized) ** 2)  # no gradient: minimised by the EMA
         commitment_loss = ops.mean((inputs - ops.stop_gradient(quantized)) ** 2)
-        self.add_loss(codebook_loss + self.commitment_cost * commitment_loss)
+        loss = codebook_loss + self.commitment_cost * commitment_loss
+        self.add_loss(loss)
+        self._thread.loss = loss  # see VQVAE.losses
+        if training:
+            self.update_codebook(inputs, indices)
         return inputs + ops.stop_gradient(quantized - inputs)  # straight-through estimator
 
     def compute_output_shape(self, input_shape):
@@ -304,6 +312,16 @@ class VQVAE(keras.Model):
     def call(self, images, training=False):
         # `training` is passed on explicitly: in training the quantizer also moves its codes (moving averages)
         return self.decoder(self.quantizer(self.encoder(images), training=training))
+
+    @property
+    def losses(self):
+        # Under TensorFlow's MirroredStrategy each replica runs `call` in a thread of its own, and the threads take
+        # turns at the codebook's synchronised update. Keras keeps add_loss results in one list per layer, which
+        # each replica's call empties when it starts, so a replica would read another's VQ loss (and lose the
+        # commitment gradient of its own half batch). The VQ loss is the model's only added loss: each thread
+        # reads the one its own last call made. (JAX training collects losses statelessly and is unaffected.)
+        own = getattr(self.quantizer._thread, "loss", None)
+        return [own] if own is not None and keras.backend.backend() == "tensorflow" else super().losses
 
     def encode(self, images):
         """(N, H, W, 1) images -> (N, H/f, W/f) int32 code grid."""
