@@ -855,7 +855,8 @@ def c2st(first: np.ndarray, second: np.ndarray, groups: tuple | None = None, fol
         ones = y[train].mean()  # folds of whole groups are not balanced: weigh the classes equal in training, or a
         weights = {0: 0.5 / (1 - ones), 1: 0.5 / ones}  # judge that sees no difference guesses the majority
         model.fit(x[train], y[train], batch_size=32, epochs=epochs, verbose=0, shuffle=True, class_weight=weights)
-        judged[test] = (np.asarray(model.predict(x[test], verbose=0))[:, 0] > 0) == (y[test] == 1)
+        logits = batched(lambda batch: model(batch, training=False), x[test])[:, 0]  # eager: no retracing per fold
+        judged[test] = (logits > 0) == (y[test] == 1)
     interval = cluster_bootstrap_interval([judged[:n], judged[n:]], ids, rng)
     return {"accuracy": float(judged.mean()), "ci95": interval, "n_per_set": n, "folds": folds, "grouped": grouped,
             "groups_per_set": [int(i.max() + 1) for i in ids]}

@@ -36,14 +36,16 @@ OASIS_TRAIN_SLICES = 9664
 
 def time_fit(model, x, y, steps: int, rounds: int) -> tuple[float, float]:
     """(seconds of the first step, compilation included; best seconds per step over `rounds` rounds)."""
+    batch = len(y)
     start = time.perf_counter()
-    model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, shuffle=False)
+    model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
     first = time.perf_counter() - start
     best = float("inf")
     for _ in range(rounds):
-        xs, ys = np.concatenate([x] * steps), np.concatenate([y] * steps)
+        repeat = lambda a: np.concatenate([a] * steps)  # noqa: E731
+        xs = [repeat(a) for a in x] if isinstance(x, list) else repeat(x)
         start = time.perf_counter()
-        model.fit(xs, ys, batch_size=len(x), epochs=1, verbose=0, shuffle=False)
+        model.fit(xs, repeat(y), batch_size=batch, epochs=1, verbose=0, shuffle=False)
         best = min(best, (time.perf_counter() - start) / steps)
     return first, best
 
@@ -76,8 +78,13 @@ def main(argv: list[str] | None = None) -> int:
           f"then {vqvae_rate:,.0f} images/s -> {OASIS_TRAIN_SLICES / vqvae_rate:.1f} s per OASIS epoch")
 
     codes = rng.integers(0, config.num_embeddings, (args.prior_batch, grid, grid)).astype("int32")
+    condition = None  # the depth-conditioned prior (the default) takes each slice's depth features too
+    if config.prior_position_frequencies:
+        condition = np.asarray(modules.slice_position_features(np.linspace(0, 1, args.prior_batch, dtype="float32"),
+                                                               config.prior_position_frequencies))
+    inputs = codes if condition is None else [codes, condition]
     prior = modules.new_prior(config, steps_per_epoch=100, dtype=args.dtype, jit_compile=True)
-    first, step = time_fit(prior, codes, codes, args.steps, args.rounds)
+    first, step = time_fit(prior, inputs, codes, args.steps, args.rounds)
     prior_rate = args.prior_batch / step
     print(f"prior ({prior.count_params():,} parameters, {grid}x{grid} grid, batch {args.prior_batch}): first step "
           f"{first:.1f} s, then {prior_rate:,.0f} grids/s -> {OASIS_TRAIN_SLICES / prior_rate:.1f} s per OASIS epoch")
@@ -90,13 +97,14 @@ def main(argv: list[str] | None = None) -> int:
               "prior_s_per_oasis_epoch": round(OASIS_TRAIN_SLICES / prior_rate, 1)}
     if args.samples:
         sampler_prior = modules.full_precision(prior)  # sampling runs in float32
+        grid_condition = None if condition is None else np.resize(condition, (args.samples, condition.shape[1]))
 
         @jax.jit
         def sample(key):
             def draw(logits, position):
                 return jax.random.categorical(jax.random.fold_in(key, position), logits)
 
-            return sampler_prior.sample(args.samples, draw)
+            return sampler_prior.sample(args.samples, draw, grid_condition)
 
         # the trace reads the Keras variables once: the weights enter the compiled sampler as constants
         start = time.perf_counter()
@@ -108,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         assert grids.shape == (args.samples, grid, grid)
         # correctness on this backend: a greedy sample is a fixed point of the full model's argmax
         greedy = np.asarray(jax.jit(lambda: sampler_prior.sample(
-            args.samples, lambda logits, position: keras.ops.argmax(logits, axis=-1)))())
-        agree = float(np.mean(np.asarray(keras.ops.argmax(sampler_prior(greedy), axis=-1)) == greedy))
+            args.samples, lambda logits, position: keras.ops.argmax(logits, axis=-1), grid_condition))())
+        logits = sampler_prior(greedy if grid_condition is None else [greedy, grid_condition])
+        agree = float(np.mean(np.asarray(keras.ops.argmax(logits, axis=-1)) == greedy))
         print(f"greedy sample vs the full model's argmax: {agree:.2%} of positions agree (must be 100%)")
         result["sampler_matches_full_model"] = agree == 1.0
         print(f"sampler: {args.samples} grids of {grid}x{grid} in {seconds:.2f} s ({first:.1f} s on the first call, "

@@ -3,7 +3,7 @@ TensorFlow. Builds an OASIS-sized demo set in memory (the demo builder, one proc
 OASIS-preset VQ-VAE with codebook restarts, encodes the slices, trains the depth-conditioned prior, and samples.
 
     KERAS_BACKEND=jax python benchmarks/oasis_budget.py --budget 1200          # 300/35/17 subjects, as OASIS
-    KERAS_BACKEND=jax python benchmarks/oasis_budget.py --budget 240 --subjects 6 2 2 --samples 2   # a CPU check
+    KERAS_BACKEND=jax python benchmarks/oasis_budget.py --budget 240 --subjects 6 2 2 --batch-size 16 --samples 2  # CPU check
 
 The budget counts from the first training step; --vqvae-share of it goes to the VQ-VAE, the rest to the prior.
 Each stage first times a few steps, then trains a fresh model whose cosine schedule spans exactly the steps that
@@ -99,6 +99,7 @@ class StopAt(keras.callbacks.Callback):
 
 def timed_steps(build, data, steps: int) -> float:
     """Seconds per training step of a freshly built model, after its first (compiling) step."""
+    steps = max(1, min(steps, len(data)))  # no more steps than one pass has batches
     model = build(1)
     model.fit(data, epochs=1, steps_per_epoch=1, verbose=0)
     start = time.perf_counter()
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = max(int((deadline_vqvae - time.time()) / step * 0.95), 1)
     vqvae = modules.new_vqvae(dataclasses.replace(config, epochs=max(1, round(steps / steps_per_epoch))),
                               steps_per_epoch, dtype, jit_compile=True)
-    sample = as_images(train_slices[np.random.default_rng(0).choice(len(train_slices), 512, replace=False)])
+    sample = as_images(train_slices[np.random.default_rng(0).choice(len(train_slices), min(512, len(train_slices)),
+                                                                    replace=False)])
     stop = StopAt(deadline_vqvae)
     vqvae.fit(batches, epochs=10_000, verbose=2, callbacks=[train.RestartUnusedCodes(sample, config.seed), stop])
     vqvae_rate, vqvae_steps = config.batch_size / step, stop.steps

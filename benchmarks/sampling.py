@@ -33,14 +33,14 @@ import predict  # noqa: E402
 import utils  # noqa: E402
 
 
-def naive_loop(prior, batch: int, rows: int, seed: int) -> tuple[np.ndarray, int]:
+def naive_loop(prior, batch: int, rows: int, seed: int, condition=None) -> tuple[np.ndarray, int]:
     """The Keras example's sampler: one model.predict over the whole grid per position. Returns the codes
     and how many positions were sampled."""
     height, width = prior.grid_shape
     codes = np.zeros((batch, height, width), "int32")
     for i in range(rows):
         for j in range(width):
-            logits = prior.predict(codes, verbose=0)[:, i, j]
+            logits = prior.predict(codes if condition is None else [codes, condition], verbose=0)[:, i, j]
             codes[:, i, j] = tfp.distributions.Categorical(logits=logits).sample(seed=seed).numpy()
     return codes, rows * width
 
@@ -59,36 +59,42 @@ def main(argv: list[str] | None = None) -> int:
         config = utils.Config(**utils.DEMO_PRESET)
         keras.utils.set_random_seed(0)
         prior = modules.PixelCNNPrior(**config.prior_kwargs())
-        prior.build((None, config.grid_size, config.grid_size))
+        grid = (None, config.grid_size, config.grid_size)
+        prior.build([grid, (None, prior.num_conditions)] if prior.num_conditions else grid)
         source = "demo preset shape, random weights"
     height, width = prior.grid_shape
     print(f"prior: {source}; grid {height}x{width}, batch {args.batch}, {prior.count_params():,} parameters")
 
-    sampler = predict.make_sampler(prior, args.batch, temperature=1.0, seed=0)
+    positions = np.linspace(0, 1, args.batch, dtype="float32")  # depths, for a depth-conditioned prior
+    condition = None
+    if prior.num_conditions:
+        condition = np.asarray(modules.slice_position_features(positions, prior.num_conditions // 2))
+    sampler = predict.make_sampler(prior, temperature=1.0, seed=0)
     start = time.perf_counter()
-    sampler()
+    sampler(args.batch, positions)
     first_s = time.perf_counter() - start  # tracing + the first run
     runs = []
     for _ in range(3):
         start = time.perf_counter()
-        sampler().numpy()
+        sampler(args.batch, positions)
         runs.append(time.perf_counter() - start)
     sampler_s = min(runs)
     print(f"project sampler: {sampler_s:.2f} s per batch (best of 3), first call with tracing {first_s:.2f} s")
 
-    prior.predict(np.zeros((args.batch, height, width), "int32"), verbose=0)  # build predict's function once
+    zeros = np.zeros((args.batch, height, width), "int32")
+    prior.predict(zeros if condition is None else [zeros, condition], verbose=0)  # build predict's function once
     start = time.perf_counter()
-    _, positions = naive_loop(prior, args.batch, min(args.naive_rows, height), seed=0)
+    _, sampled = naive_loop(prior, args.batch, min(args.naive_rows, height), seed=0, condition=condition)
     timed = time.perf_counter() - start
-    naive_s = timed / positions * height * width
-    extrapolated = positions < height * width
-    print(f"naive model.predict loop: {timed:.1f} s for {positions} positions -> {naive_s:.0f} s for the grid"
+    naive_s = timed / sampled * height * width
+    extrapolated = sampled < height * width
+    print(f"naive model.predict loop: {timed:.1f} s for {sampled} positions -> {naive_s:.0f} s for the grid"
           f"{' (extrapolated)' if extrapolated else ''}")
     speedup = naive_s / sampler_s
     print(f"speedup: {speedup:.0f}x (with the sampler's first-call tracing counted: {naive_s / first_s:.0f}x)")
     print(json.dumps({"benchmark": "sampling", "grid": [height, width], "batch": args.batch,
                       "sampler_s": round(sampler_s, 3), "sampler_first_call_s": round(first_s, 3),
-                      "naive_s": round(naive_s, 1), "naive_positions_timed": positions,
+                      "naive_s": round(naive_s, 1), "naive_positions_timed": sampled,
                       "naive_extrapolated": extrapolated, "speedup": round(speedup, 1),
                       "speedup_with_tracing": round(naive_s / first_s, 1),
                       "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "source": source}))
