@@ -800,7 +800,7 @@ def realism_classifier(size: int):
     """The C2ST's judge: four stride-2 3x3 convolutions (16, 32, 64, 64 channels), then the average over positions of
     the map's evidence, then one logit, "second set". Averaging local evidence (as a PatchGAN discriminator does)
     lets it learn from every patch, which generalises from a few hundred images: flattening the map instead, it
-    memorised them and scored samples that no eye takes for real as 0.55 (README, "Realism")."""
+    memorised them and scored samples that no eye takes for real as 0.55 (README, "the realism test")."""
     import keras
     from keras import layers
 
