@@ -75,11 +75,14 @@ class VectorQuantizer(layers.Layer):
                                       initializer=keras.initializers.VarianceScaling(scale=1.0 / k**2,
                                                                                      distribution="uniform"))
 
+    def _smoothed(self, cluster_size):
+        """(K,) shares, Laplace-smoothed so that a code no vector picked divides by epsilon, not by zero."""
+        total = ops.sum(cluster_size)
+        return (cluster_size + self.epsilon) / (total + self.num_embeddings * self.epsilon) * total
+
     def codebook(self):
         """(K, D) float32: row k is code e_k, the moving average of the vectors that picked it."""
-        cluster_size = ops.convert_to_tensor(self.ema_cluster_size)
-        total = ops.sum(cluster_size)
-        smoothed = (cluster_size + self.epsilon) / (total + self.num_embeddings * self.epsilon) * total  # Laplace
+        smoothed = self._smoothed(ops.convert_to_tensor(self.ema_cluster_size))
         return ops.convert_to_tensor(self.ema_dw) / smoothed[:, None]
 
     def set_codebook(self, codebook) -> None:
@@ -103,8 +106,11 @@ class VectorQuantizer(layers.Layer):
 
     def nearest_codes(self, inputs):
         """(..., D) -> (nearest codes (..., D), indices (...)); no loss, no gradient trick."""
-        indices = self.nearest_indices(inputs)
-        return ops.cast(self.embed(indices), inputs.dtype), indices
+        # One read of the codebook: in training, under a MirroredStrategy, a second read could come after the
+        # replicas' synchronised update and give the step's loss and output a different codebook.
+        codebook = self.codebook()
+        indices = self.nearest_indices(inputs, codebook)
+        return ops.cast(one_hot_lookup(codebook, indices), inputs.dtype), indices
 
     def update_codebook(self, inputs, indices) -> None:
         """One moving-average step of the codebook towards the vectors `inputs` (..., D) that picked `indices`."""
@@ -124,19 +130,13 @@ class VectorQuantizer(layers.Layer):
         picks = keras.random.randint((self.num_embeddings,), 0, ops.shape(flat)[0], seed=seed)
         codebook = ops.where(used[:, None], self.codebook(), ops.take(flat, picks, axis=0))
         cluster_size = ops.where(used, ops.convert_to_tensor(self.ema_cluster_size), 1.0 / self.num_embeddings)
-        total = ops.sum(cluster_size)
-        smoothed = (cluster_size + self.epsilon) / (total + self.num_embeddings * self.epsilon) * total
         self.ema_cluster_size.assign(cluster_size)
-        self.ema_dw.assign(codebook * smoothed[:, None])  # the used codes stay where they were
+        self.ema_dw.assign(codebook * self._smoothed(cluster_size)[:, None])  # the used codes stay where they were
         return int(self.num_embeddings - ops.sum(ops.cast(used, "int32")))
 
     def call(self, inputs, training=False):
         inputs = ops.cast(inputs, "float32")  # losses and the straight-through sum in full precision
-        # One read of the codebook, before its update: under a MirroredStrategy a second read could come after
-        # the replicas' synchronised update and give the step's loss and output a different codebook.
-        codebook = self.codebook()
-        indices = self.nearest_indices(inputs, codebook)
-        quantized = one_hot_lookup(codebook, indices)
+        quantized, indices = self.nearest_codes(inputs)  # read before the codebook's update below
         codebook_loss = ops.mean((ops.stop_gradient(inputs) - quantized) ** 2)  # no gradient: minimised by the EMA
         commitment_loss = ops.mean((inputs - ops.stop_gradient(quantized)) ** 2)
         loss = codebook_loss + self.commitment_cost * commitment_loss
