@@ -38,6 +38,7 @@ import dataset  # noqa: E402
 import modules  # noqa: E402
 import train  # noqa: E402  (its callbacks; TensorFlow is imported only by its hardware set-up, not used here)
 import utils  # noqa: E402
+from deadline import StopAt  # noqa: E402
 
 OASIS_TRAIN_SLICES = 9664
 _TEMPLATE = None
@@ -81,20 +82,6 @@ class Batches(keras.utils.PyDataset):
 
     def on_epoch_end(self):
         self.order = self.rng.permutation(len(self.slices))
-
-
-class StopAt(keras.callbacks.Callback):
-    """Stops training at a wall-clock deadline; counts the steps and the time they took."""
-
-    def __init__(self, deadline: float):
-        super().__init__()
-        self.deadline, self.steps, self.start = deadline, 0, None
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.start = self.start or time.perf_counter()  # the first step (tracing, compiling) is not counted
-        self.steps += 1
-        if time.time() > self.deadline:
-            self.model.stop_training = True
 
 
 def timed_steps(build, data, steps: int) -> float:

@@ -33,21 +33,11 @@ import dataset  # noqa: E402
 import modules  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
+from deadline import StopAt  # noqa: E402
 
 CANDIDATES = [  # (batch, learning rate)
     (128, 2e-4), (128, 1e-3), (32, 2e-4), (32, 1e-3), (32, 2e-3),
 ]
-
-
-class StopAt(keras.callbacks.Callback):
-    def __init__(self, deadline: float):
-        super().__init__()
-        self.deadline, self.steps = deadline, 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.steps += 1
-        if time.time() > self.deadline:
-            self.model.stop_training = True
 
 
 def main(argv: list[str] | None = None) -> int:
