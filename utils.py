@@ -106,6 +106,9 @@ def native_stderr_captured():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+BRAIN_THRESHOLD = 0.02  # intensity above which a pixel counts as brain (the background of skull-stripped slices is 0)
+
+
 def setting(default, why: str):
     """A Config field; its why-comment is also the help of its --flag."""
     return dataclasses.field(default=default, metadata={"why": why})
@@ -127,6 +130,8 @@ class Config:
     hidden_channels: int = setting(128, "channels of the encoder and decoder trunks")
     num_res_blocks: int = setting(2, "residual blocks after the strided convolutions (paper: 2)")
     commitment_cost: float = setting(0.25, "beta of the commitment loss (paper: 0.25)")
+    background: float = setting(BRAIN_THRESHOLD, "decoded intensities below this become exactly 0, as the "
+                                                 "background of skull-stripped slices is; 0: off")
     # VQ-VAE training
     batch_size: int = setting(128, "the seed's batch size; fits a 24 GB GPU at 256 px")
     epochs: int = setting(30, "passes over the training split")
@@ -177,6 +182,8 @@ class Config:
             raise UserError(f"--prior-kernel-size must be odd and at least 3, got {self.prior_kernel_size}")
         if self.prior_position_frequencies < 0:
             raise UserError(f"--prior-position-frequencies must be 0 or more, got {self.prior_position_frequencies}")
+        if not 0 <= self.background < 1:
+            raise UserError(f"--background must be at least 0 and below 1, got {self.background}")
         if not self.commitment_cost >= 0:
             raise UserError(f"--commitment-cost must be 0 or more, got {self.commitment_cost}")
 
@@ -184,7 +191,8 @@ class Config:
         """The arguments of modules.VQVAE, taken from this config."""
         return dict(downsample=self.downsample, num_embeddings=self.num_embeddings,
                     embedding_dim=self.embedding_dim, hidden_channels=self.hidden_channels,
-                    num_res_blocks=self.num_res_blocks, commitment_cost=self.commitment_cost)
+                    num_res_blocks=self.num_res_blocks, commitment_cost=self.commitment_cost,
+                    background=self.background)
 
     def prior_kwargs(self) -> dict:
         """The arguments of modules.PixelCNNPrior, taken from this config."""
@@ -678,9 +686,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-image peak signal-to-noise ratio in dB for images in [0, 1]."""
     mse = np.mean((np.asarray(a, "float64") - np.asarray(b, "float64")) ** 2, axis=(1, 2, 3))
     return (10 * np.log10(1.0 / np.maximum(mse, 1e-20))).astype("float32")
-
-
-BRAIN_THRESHOLD = 0.02  # intensity above which a pixel counts as brain (the background of skull-stripped slices is 0)
 
 
 def brain_fraction(images: np.ndarray) -> np.ndarray:

@@ -130,7 +130,7 @@ def test_shapes_for_each_downsampling_factor(downsample):
 def test_keras_file_round_trip_gives_identical_outputs(tmp_path):
     keras.utils.set_random_seed(0)
     model = VQVAE(downsample=4, num_embeddings=8, embedding_dim=4, hidden_channels=8, num_res_blocks=1,
-                  commitment_cost=0.4)
+                  commitment_cost=0.4, background=0.1)
     x = np.random.default_rng(0).random((4, 16, 16, 1)).astype("float32")
     model.compile(optimizer="adam", loss="mse")
     model.fit(x, x, epochs=1, verbose=0)  # trained weights, not the initial ones
@@ -139,6 +139,23 @@ def test_keras_file_round_trip_gives_identical_outputs(tmp_path):
     assert isinstance(loaded, VQVAE) and loaded.get_config() == model.get_config()
     np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
     np.testing.assert_array_equal(np.asarray(loaded.encode(x)), np.asarray(model.encode(x)))
+
+
+def test_decode_sets_the_background_to_exactly_zero_and_keeps_the_rest():
+    keras.utils.set_random_seed(0)
+    kwargs = dict(downsample=2, num_embeddings=8, embedding_dim=4, hidden_channels=8, num_res_blocks=1)
+    plain, cleaned = VQVAE(**kwargs), VQVAE(**kwargs, background=0.02)
+    plain.build((None, 16, 16, 1))
+    cleaned.build((None, 16, 16, 1))
+    cleaned.set_weights(plain.get_weights())
+    plain.decoder.up[-1].bias.assign([0.01])  # a faint haze: most outputs just above 0
+    cleaned.decoder.up[-1].bias.assign([0.01])
+    codes = np.random.default_rng(0).integers(0, 8, (2, 8, 8))
+    before, after = np.asarray(plain.decode(codes)), np.asarray(cleaned.decode(codes))
+    faint = before < 0.02
+    assert 0 < faint.mean() < 1 and (before[faint] > 0).any()
+    np.testing.assert_array_equal(after[faint], 0.0)
+    np.testing.assert_array_equal(after[~faint], before[~faint])
 
 
 @pytest.mark.parametrize("layer", [
@@ -159,6 +176,8 @@ def test_invalid_arguments_are_rejected():
         VQVAE(downsample=3, num_embeddings=8, embedding_dim=4, hidden_channels=8, num_res_blocks=1)
     with pytest.raises(ValueError, match="channels"):
         VectorQuantizer(8, 4)(np.zeros((2, 5), "float32"))
+    with pytest.raises(ValueError, match="background"):
+        VQVAE(downsample=2, num_embeddings=8, embedding_dim=4, hidden_channels=8, num_res_blocks=1, background=1.5)
 
 
 
