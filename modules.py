@@ -440,18 +440,19 @@ class GatedPixelCNNBlock(layers.Layer):
     (the current row, left of the position), each through the gated unit; the vertical stack feeds the horizontal
     one through a 1x1 convolution, shifted down one row so that row i only sees rows above it.
 
-    Each gate also receives a layout map s (location-dependent conditioning, section 2.3 of the paper):
-    tanh(W_f * x + V_f * s) * sigmoid(W_g * x + V_g * s), with V a 1x1 convolution. The prior makes s from the
-    grid location and the slice's depth; it never depends on the codes, so it cannot leak a code to itself.
+    Besides the codes, each gate receives the position map (location-dependent conditioning, section 2.3 of the
+    paper: brains sit at the centre of the frame, which a convolution cannot know on its own) and, when
+    num_conditions > 0, a conditioning vector y: tanh(W_f * x + V_f * position + U_f y) * sigmoid(... g ...).
 
-    Inputs and outputs: (v, h) each (N, H, W, C), the layout (N or 1, H, W, C); call also returns the skip output
-    (N, H, W, C). The last block (last=True) only feeds the skip sum, so it returns v = h = None.
+    Inputs and outputs: (v, h) each (N, H, W, C); call also returns the skip output (N, H, W, C). The last
+    block (last=True) only feeds the skip sum, so it has no outputs for a next block and returns v = h = None.
     """
 
-    def __init__(self, channels: int, kernel_size: int = 3, first: bool = False, last: bool = False, **kwargs):
+    def __init__(self, channels: int, kernel_size: int = 3, first: bool = False, last: bool = False,
+                 num_conditions: int = 0, **kwargs):
         super().__init__(**kwargs)
         _check_positive(channels=channels, kernel_size=kernel_size)
-        self.channels, self.kernel_size = channels, kernel_size
+        self.channels, self.kernel_size, self.num_conditions = channels, kernel_size, num_conditions
         self.first, self.last = first, last
         policy = self.dtype_policy
         self.vertical = MaskedConv2D(2 * channels, (kernel_size, kernel_size), "V", name="vertical", dtype=policy)
@@ -460,33 +461,53 @@ class GatedPixelCNNBlock(layers.Layer):
         self.link = layers.Conv2D(2 * channels, 1, name="vertical_to_horizontal", dtype=policy)
         self.skip = layers.Conv2D(channels, 1, name="skip", dtype=policy)
         self.residual = None if last else layers.Conv2D(channels, 1, name="residual", dtype=policy)
-        self.layout_h = layers.Dense(2 * channels, use_bias=False, name="layout_horizontal", dtype=policy)
-        self.layout_v = None if last else layers.Dense(2 * channels, use_bias=False, name="layout_vertical",
-                                                       dtype=policy)
+        self.position_h = layers.Dense(2 * channels, use_bias=False, name="position_horizontal", dtype=policy)
+        self.position_v = (None if last else
+                           layers.Dense(2 * channels, use_bias=False, name="position_vertical", dtype=policy))
+        if num_conditions:
+            self.condition_h = layers.Dense(2 * channels, use_bias=False, name="condition_horizontal", dtype=policy)
+            if not last:
+                self.condition_v = layers.Dense(2 * channels, use_bias=False, name="condition_vertical",
+                                                dtype=policy)
 
     def build(self, input_shape):  # input_shape: that of v, (N, H, W, C)
         shape = tuple(input_shape)
         _build_chain([self.vertical, self.link], shape)
-        for layer in [self.horizontal, self.layout_h, self.skip]:
+        for layer in [self.horizontal, self.position_h, self.skip]:
             layer.build(shape)
         if not self.last:
             self.residual.build(shape)
-            self.layout_v.build(shape)
+            self.position_v.build(shape)
+        if self.num_conditions:
+            self.condition_h.build((None, self.num_conditions))
+            if not self.last:
+                self.condition_v.build((None, self.num_conditions))
 
-    def call(self, v, h, layout):
+    def gate_terms(self, position, condition, rank: int, stack: str):
+        """What the position map (..., C) and the condition (N, num_conditions) add to the gate of one stack
+        ("vertical" or "horizontal"), broadcastable against features of `rank` dims (4 for maps, 2 for one
+        position)."""
+        vertical = stack == "vertical"
+        terms = (self.position_v if vertical else self.position_h)(position)
+        if self.num_conditions:
+            expand = (slice(None), *([None] * (rank - 2)), slice(None))  # (N, 2C) -> (N, 1, 1, 2C) for maps
+            terms = terms + (self.condition_v if vertical else self.condition_h)(condition)[expand]
+        return terms
+
+    def call(self, v, h, position, condition=None):
         v_features = self.vertical(v)  # (N, H, W, 2C): rows <= i
         h_features = self.horizontal(h) + _shift_down(self.link(v_features))  # rows < i, and row i left of j
-        gated = _gate(h_features + self.layout_h(layout))
+        gated = _gate(h_features + self.gate_terms(position, condition, 4, "horizontal"))
         if self.last:
             return None, None, self.skip(gated)
         # the first block adds no residual: its input h holds the current code, which it must not see
         h_out = self.residual(gated) if self.first else h + self.residual(gated)
-        v_out = _gate(v_features + self.layout_v(layout))
+        v_out = _gate(v_features + self.gate_terms(position, condition, 4, "vertical"))
         return v_out, h_out, self.skip(gated)
 
     def get_config(self):
         return {**super().get_config(), "channels": self.channels, "kernel_size": self.kernel_size,
-                "first": self.first, "last": self.last}
+                "first": self.first, "last": self.last, "num_conditions": self.num_conditions}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -499,14 +520,8 @@ class PixelCNNPrior(keras.Model):
     per position, the horizontal stack is computed at that position only, from cached left neighbours. The whole
     loop is ops.fori_loop, so it compiles into one graph (tf.function / jax.jit).
 
-    The layout map that every gate receives is a small network of the grid location and the condition (the slice's
-    depth): brains are registered, so what belongs at a location depends on where it is and how deep the slice is,
-    and a convolution sees neither. A learned (H, W, 2C) map per location plus the condition's projection, through
-    two 1x1 layers, gives each sample its own (H, W, C) layout: a nonlinear function of location and depth, which
-    tells every layer, from the first code on, where the ventricles and the outline of a slice at that depth go.
-
     Example: PixelCNNPrior(num_embeddings=256, grid_shape=(32, 32), channels=48, num_layers=10, kernel_size=3)
-    maps codes (8, 32, 32) to logits (8, 32, 32, 256); its position map is a learned (32, 32, 96) weight.
+    maps codes (8, 32, 32) to logits (8, 32, 32, 256); its position map is a learned (32, 32, 48) weight.
     """
 
     def __init__(self, num_embeddings: int, grid_shape, channels: int, num_layers: int, kernel_size: int,
@@ -522,24 +537,16 @@ class PixelCNNPrior(keras.Model):
         policy = self.dtype_policy
         self.embedding = layers.Embedding(num_embeddings, channels, name="code_embedding", dtype=policy)
         self.blocks = [GatedPixelCNNBlock(channels, kernel_size, first=i == 0, last=i == num_layers - 1,
-                                          name=f"gated{i}", dtype=policy)
+                                          num_conditions=num_conditions, name=f"gated{i}", dtype=policy)
                        for i in range(num_layers)]
-        hidden = 2 * channels  # the layout network is applied once per grid, not per layer: it can be wide
-        self.layout_condition = layers.Dense(hidden, name="layout_condition", dtype=policy) if num_conditions else None
-        self.layout_hidden = layers.Dense(hidden, name="layout_hidden", dtype=policy)
-        self.layout_out = layers.Dense(channels, name="layout", dtype=policy)
         self.head_hidden = layers.Conv2D(channels, 1, name="head_hidden", dtype=policy)
         self.head_logits = layers.Conv2D(num_embeddings, 1, name="logits", dtype="float32")  # softmax in float32
 
     def build(self, input_shape):  # (N, H, W), or [(N, H, W), (N, num_conditions)] when conditioned
         shape = tuple(input_shape[0] if self.num_conditions else input_shape)
         self.embedding.build(shape)
-        hidden = 2 * self.channels
-        self.position = self.add_weight(name="position_map", shape=(*self.grid_shape, hidden),
+        self.position = self.add_weight(name="position_map", shape=(*self.grid_shape, self.channels),
                                         initializer=keras.initializers.RandomNormal(stddev=1.0))
-        if self.num_conditions:
-            self.layout_condition.build((None, self.num_conditions))
-        _build_chain([self.layout_hidden, self.layout_out], (None, *self.grid_shape, hidden))
         features = (*shape, self.channels)
         for block in self.blocks:
             block.build(features)
@@ -556,23 +563,14 @@ class PixelCNNPrior(keras.Model):
             return codes, ops.convert_to_tensor(condition, "float32")
         return inputs, None
 
-    def layout(self, condition=None):
-        """The layout map every gate receives: (N, H, W, C) for conditions (N, num_conditions), (1, H, W, C)
-        for an unconditional prior."""
-        features = ops.cast(self.position, self.compute_dtype)[None]  # (1, H, W, 2C)
-        if self.num_conditions:
-            features = features + self.layout_condition(condition)[:, None, None, :]  # (N, H, W, 2C)
-        return self.layout_out(ops.relu(self.layout_hidden(ops.relu(features))))
-
     def call(self, inputs):
         codes, condition = self._split_inputs(inputs)
         if tuple(codes.shape[1:]) != self.grid_shape:
             raise ValueError(f"this prior models {self.grid_shape} code grids, got {tuple(codes.shape[1:])}")
         v = h = self.embed(codes)  # (N, H, W, C)
-        layout = self.layout(condition)
         skips = 0.0
         for block in self.blocks:
-            v, h, skip = block(v, h, layout)
+            v, h, skip = block(v, h, self.position, condition)
             skips = skips + skip
         return self.head_logits(ops.relu(self.head_hidden(ops.relu(skips))))  # (N, H, W, K)
 
@@ -593,18 +591,18 @@ class PixelCNNPrior(keras.Model):
         c = self.kernel_size // 2
         if self.num_conditions:
             condition = ops.convert_to_tensor(condition, "float32")
-        layout = ops.broadcast_to(self.layout(condition), (n, height, width, self.channels))  # computed once
         # Caches, zero where the full forward pass zero-pads: vertical[l] is the input of block l's vertical
         # convolution, rows padded by c on top and columns by c on both sides.
         vertical = tuple(ops.zeros((n, height + c, width + 2 * c, self.channels)) for _ in self.blocks)
         codes = ops.zeros((n, height, width), "int32")
+        position_map = ops.convert_to_tensor(self.position)  # a tensor, not a variable: JAX slices only arrays
 
         def row_step(i, state):
             codes, vertical = state
             # The row above is final: push it through the vertical stack, one row per block.
             above = ops.maximum(i - 1, 0)
             v_row = self.embed(ops.slice(codes, (0, above, 0), (n, 1, width)))  # (N, 1, W, C)
-            layout_row = ops.slice(layout, (0, above, 0, 0), (n, 1, width, self.channels))  # (N, 1, W, C)
+            position_row = ops.slice(position_map, (above, 0, 0), (1, width, self.channels))  # (1, W, C)
             vertical = list(vertical)
             links = []
             for l, block in enumerate(self.blocks):
@@ -615,14 +613,14 @@ class PixelCNNPrior(keras.Model):
                 link = block.link(v_features)[:, 0]  # (N, W, 2C)
                 links.append(ops.where(i > 0, link, ops.zeros_like(link)))  # row 0 has nothing above
                 if not block.last:
-                    v_row = _gate(v_features + block.layout_v(layout_row))
-            codes = self._sample_row(i, codes, links, draw, layout)
+                    v_row = _gate(v_features + block.gate_terms(position_row, condition, 4, "vertical"))
+            codes = self._sample_row(i, codes, links, draw, condition, position_map)
             return codes, tuple(vertical)
 
         codes, _ = ops.fori_loop(0, height, row_step, (codes, vertical))
         return codes
 
-    def _sample_row(self, i, codes, links, draw, layout):
+    def _sample_row(self, i, codes, links, draw, condition, position_map):
         """Samples row i left to right; links[l] (N, W, 2C) carries the rows above into block l."""
         n, width = ops.shape(codes)[0], self.grid_shape[1]
         c = self.kernel_size // 2
@@ -632,14 +630,14 @@ class PixelCNNPrior(keras.Model):
         def column_step(j, state):
             codes, horizontal = state
             horizontal = list(horizontal)
-            here = ops.reshape(ops.slice(layout, (0, i, j, 0), (n, 1, 1, self.channels)), (n, -1))  # (N, C)
+            position = ops.reshape(ops.slice(position_map, (i, j, 0), (1, 1, self.channels)), (1, -1))  # (1, C)
             skips = 0.0
             for l, block in enumerate(self.blocks):
                 window = ops.slice(horizontal[l], (0, j, 0), (n, c + 1, self.channels))  # columns j-c .. j
                 kernel = block.horizontal.masked_kernel()[0, : c + 1]  # (c+1, C, 2C): right of j is masked
                 h_features = (ops.einsum("nkc,kcd->nd", window, kernel) + block.horizontal.bias
                               + ops.squeeze(ops.slice(links[l], (0, j, 0), (n, 1, 2 * self.channels)), 1))
-                gated = _gate(h_features + block.layout_h(here))  # (N, C)
+                gated = _gate(h_features + block.gate_terms(position, condition, 2, "horizontal"))  # (N, C)
                 skips = skips + _dense(block.skip, gated)
                 if not block.last:
                     residual = _dense(block.residual, gated)

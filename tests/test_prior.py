@@ -106,16 +106,6 @@ def test_conditioning_changes_the_logits():
     assert not np.allclose(a, b)
 
 
-def test_depth_changes_the_layout_differently_at_each_location():
-    # a global bias per depth could not put the ventricles of a deep slice elsewhere than those of a high one
-    prior = make_prior(conditions=2)
-    a = np.asarray(prior.layout(np.array([[0.0, 1.0]], "float32")))[0]  # (H, W, C)
-    b = np.asarray(prior.layout(np.array([[1.0, 0.0]], "float32")))[0]
-    change = a - b
-    assert change.shape == (6, 7, 8)
-    assert np.abs(change - change.mean(axis=(0, 1))).max() > 1e-2
-
-
 def test_prior_keras_round_trip(tmp_path):
     prior = make_prior(conditions=2)
     codes = np.random.default_rng(0).integers(0, K, (2, 6, 7))
