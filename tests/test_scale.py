@@ -88,7 +88,8 @@ def test_a_mixed_precision_xla_run_trains_evaluates_and_samples(tiny_args, tmp_p
 
 
 def train_process(demo_dir, runs, name, *extra):
-    args = ["--data-dir", str(demo_dir), "--runs-dir", str(runs), "--name", name, "--epochs", "2", *TINY, *extra]
+    args = ["--data-dir", str(demo_dir), "--runs-dir", str(runs), "--name", name, "--epochs", "2",
+            "--prior-epochs", "2", *TINY, *extra]
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
 
