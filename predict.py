@@ -240,12 +240,15 @@ def generate(run: Run, out: Run, config: utils.Config, vqvae, args: argparse.Nam
                   "samples_vs_real": (samples, None)}  # independent draws: each its own group
         if conditioned and real.positions is not None:
             judged["samples_at_real_depths_vs_real"] = (generated(n, real.positions[pick]), None)
-        # The two references depend on the data and the VQ-VAE only: measured once, then read from metrics.json.
-        reference = {"n": n, "seed": seed, "data_dir": str(data_dir), "vqvae": checkpoint_stamp(run, "vqvae")}
-        known = previous_references(out, reference)
+        # The references (and the real side of the copy check) depend on the data, the VQ-VAE and the judge only:
+        # measured once, then read from metrics.json.
+        reference = {"n": n, "seed": seed, "data_dir": str(data_dir), "vqvae": checkpoint_stamp(run, "vqvae"),
+                     "judge": {"channels": list(utils.JUDGE_CHANNELS), "folds": utils.C2ST_FOLDS,
+                               "epochs": utils.C2ST_EPOCHS, "size": utils.C2ST_SIZE}}  # another judge: measure anew
+        known, known_copy = previous_references(out, reference)
         section["c2st"] = realism({k: v for k, v in judged.items() if k not in known}, test, seed, known)
         section["c2st_reference"] = reference
-        section["nearest_train_ssim"] = copy_check(samples, real_images, config, data_dir)
+        section["nearest_train_ssim"] = copy_check(samples, real_images, config, data_dir, known_copy)
         section["brain_fraction"] = {"samples": utils.summarize(utils.brain_fraction(samples)),
                                      "real": utils.summarize(utils.brain_fraction(real_images))}
 
@@ -288,8 +291,8 @@ def realism(judged: dict, test: Split, seed: int, known: dict) -> dict:
               "samples_vs_real": "samples, depths drawn from training",
               "samples_at_real_depths_vs_real": "samples at the validation depths"}
     size = min(utils.C2ST_SIZE, test.images.shape[1])
-    print(f"realism: can a small CNN tell these from real test slices? (classifier two-sample test, 5-fold, at "
-          f"{size} px; 0.5 = indistinguishable, 1.0 = always told apart)")
+    print(f"realism: can a small CNN tell these from real test slices? (classifier two-sample test, "
+          f"{utils.C2ST_FOLDS}-fold, at {size} px; 0.5 = indistinguishable, 1.0 = always told apart)")
     results = dict(known)
     for name, (images, subjects) in judged.items():
         if subjects is None:  # independent samples: each a group of its own
@@ -309,23 +312,27 @@ def checkpoint_stamp(run: Run, stage: str) -> list[int]:
     return [status.st_size, status.st_mtime_ns]
 
 
-def previous_references(out: Run, reference: dict) -> dict:
-    """The real-vs-real and reconstruction C2STs of an earlier predict.py on the same data, VQ-VAE, n and seed."""
+def previous_references(out: Run, reference: dict) -> tuple[dict, dict | None]:
+    """What an earlier predict.py on the same data, VQ-VAE, n and seed measured that does not depend on the prior:
+    the real-vs-real and reconstruction C2STs, and the real slices' side of the copy check (None if not there)."""
     try:
         previous = out.read_metrics().get("samples", {})
     except UserError:  # a damaged metrics.json: measure again (update_metrics keeps the damaged one aside)
-        return {}
+        return {}, None
     if previous.get("c2st_reference") != reference:
-        return {}
-    return {name: previous["c2st"][name] for name in ("real_vs_real", "reconstructions_vs_real")
-            if name in previous.get("c2st", {})}
+        return {}, None
+    known = {name: previous["c2st"][name] for name in ("real_vs_real", "reconstructions_vs_real")
+             if name in previous.get("c2st", {})}
+    return known, previous.get("nearest_train_ssim", {}).get("real")
 
 
-def copy_check(samples: np.ndarray, real: np.ndarray, config: utils.Config, data_dir: str) -> dict:
-    """Nearest-training-slice SSIM of samples and of real held-out slices: samples are copies if theirs is higher."""
+def copy_check(samples: np.ndarray, real: np.ndarray, config: utils.Config, data_dir: str,
+               known_real: dict | None = None) -> dict:
+    """Nearest-training-slice SSIM of samples and of real held-out slices (`known_real` if measured before):
+    samples are copies if theirs is higher."""
     train_images = dataset.load_images(dataset.split_files(data_dir, "train"), config.image_size)
     result = {"samples": utils.summarize(utils.nearest_ssim(samples, train_images)),
-              "real": utils.summarize(utils.nearest_ssim(real, train_images))}
+              "real": known_real or utils.summarize(utils.nearest_ssim(real, train_images))}
     verdict = "not copies" if result["samples"]["mean"] < result["real"]["mean"] else "closer to training slices " \
         "than real held-out slices are: possibly copies"
     print(f"copy check, mean SSIM to the nearest training slice: samples {result['samples']['mean']:.3f}, real "

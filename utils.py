@@ -659,26 +659,31 @@ def reconstruct(vqvae, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    """The SSIM window's 1D factor: the 2D Gaussian window is its outer product with itself."""
     coords = np.arange(size) - (size - 1) / 2
     g = np.exp(-coords**2 / (2 * sigma**2))
-    return (np.outer(g, g) / np.outer(g, g).sum()).astype("float32")[:, :, None, None]  # (size, size, 1, 1)
+    return (g / g.sum()).astype("float32")
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-image SSIM (Wang et al. 2004) of two (N, H, W, 1) batches in [0, 1], computed as tf.image.ssim does it:
-    an 11x11 Gaussian window of sigma 1.5, K1 = 0.01, K2 = 0.03, valid positions only; in keras.ops, any backend."""
+    an 11x11 Gaussian window of sigma 1.5, K1 = 0.01, K2 = 0.03, valid positions only; in keras.ops, any backend.
+    The five local means (x, y, x^2, y^2, xy) are one depthwise convolution of a 5-channel stack, done as a column
+    pass and a row pass of the separable window: 22 multiplications per pixel and channel instead of 121."""
     from keras import ops
 
-    window, c1, c2 = _gaussian_window(), 0.01**2, 0.03**2
+    g, c1, c2 = _gaussian_window(), 0.01**2, 0.03**2
+    columns, rows = np.tile(g[:, None, None, None], (1, 1, 5, 1)), np.tile(g[None, :, None, None], (1, 1, 5, 1))
     scores = []
     for i in range(0, len(a), 256):
         x, y = (ops.convert_to_tensor(np.asarray(v[i:i + 256], "float32")) for v in (a, b))
-        local = lambda t: ops.conv(t, window, padding="valid")  # noqa: E731  Gaussian-weighted local mean
-        mean_x, mean_y = local(x), local(y)
+        stack = ops.concatenate([x, y, x * x, y * y, x * y], axis=-1)  # (N, H, W, 5)
+        local = ops.depthwise_conv(ops.depthwise_conv(stack, columns, padding="valid"), rows, padding="valid")
+        mean_x, mean_y, xx, yy, xy = (local[..., k] for k in range(5))  # Gaussian-weighted local means
         luminance = (2 * mean_x * mean_y + c1) / (mean_x**2 + mean_y**2 + c1)
-        structure = ((2 * (local(x * y) - mean_x * mean_y) + c2)
-                     / (local(x**2 + y**2) - (mean_x**2 + mean_y**2) + c2))  # contrast x structure
-        scores.append(np.asarray(ops.mean(luminance * structure, axis=(1, 2, 3))))
+        structure = ((2 * (xy - mean_x * mean_y) + c2)
+                     / (xx + yy - (mean_x**2 + mean_y**2) + c2))  # contrast x structure
+        scores.append(np.asarray(ops.mean(luminance * structure, axis=(1, 2))))
     return np.concatenate(scores)
 
 
@@ -801,28 +806,56 @@ def downsized(images: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(ops.image.resize(images, (size, size), interpolation="bilinear", antialias=True))
 
 
+JUDGE_CHANNELS = (8, 16, 32, 64)  # the realism judge's convolutions
+
+
 def realism_classifier(size: int):
-    """The C2ST's judge: four stride-2 3x3 convolutions (16, 32, 64, 64 channels), then the average over positions of
+    """The C2ST's judge: four stride-2 3x3 convolutions (8, 16, 32, 64 channels), then the average over positions of
     the map's evidence, then one logit, "second set". Averaging local evidence (as a PatchGAN discriminator does)
     lets it learn from every patch, which generalises from a few hundred images: flattening the map instead, it
-    memorised them and scored samples that no eye takes for real as 0.55 (README, "the realism test")."""
+    memorised them and scored samples that no eye takes for real as 0.55 (README, "the realism test"). Its
+    narrow first layers make it 1.7x faster than with 16, 32, 64, 64 channels and no less sharp (README)."""
     import keras
     from keras import layers
 
     model = keras.Sequential([keras.Input((size, size, 1))]
                              + [layers.Conv2D(channels, 3, strides=2, padding="same", activation="relu")
-                                for channels in (16, 32, 64, 64)]
+                                for channels in JUDGE_CHANNELS]
                              + [layers.GlobalAveragePooling2D(), layers.Dropout(0.3), layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.BinaryCrossentropy(from_logits=True),
                   steps_per_execution=16)  # small steps: run 16 per call, not one (the same steps, faster)
     return model
 
 
+_JUDGES: dict = {}  # size -> (a compiled judge, its optimizer's initial state)
+
+
+def _fresh_judge(size: int):
+    """A judge with the weights realism_classifier(size) draws under the current seed and a fresh optimizer, in a
+    model whose training step is already compiled: a new model per fold would trace its step anew, which takes
+    longer than training it on a few hundred small images."""
+    drawn = realism_classifier(size)  # fresh weights and dropout seed; compiled, never run: cheap
+    if size not in _JUDGES:
+        drawn.optimizer.build(drawn.trainable_variables)
+        _JUDGES[size] = drawn, [np.asarray(v) for v in drawn.optimizer.variables]
+        return drawn
+    judge, optimizer_state = _JUDGES[size]
+    for target, source in zip(judge.variables, drawn.variables):  # weights and the dropout's seed state
+        target.assign(source)
+    for variable, value in zip(judge.optimizer.variables, optimizer_state):  # step count and Adam's moments
+        variable.assign(value)
+    return judge
+
+
 C2ST_SIZE = 128  # the judge sees images at this size at most: at 64 px the samples' blotchy texture averages away
 
 
-def c2st(first: np.ndarray, second: np.ndarray, groups: tuple | None = None, folds: int = 5, epochs: int = 40,
-         size: int = C2ST_SIZE, seed: int = 0) -> dict:
+C2ST_FOLDS = 3  # each image judged by a judge trained on the other two thirds: half the training of 5 folds
+C2ST_EPOCHS = 40  # at 20 the judge had not learned to look yet (README)
+
+
+def c2st(first: np.ndarray, second: np.ndarray, groups: tuple | None = None, folds: int = C2ST_FOLDS,
+         epochs: int = C2ST_EPOCHS, size: int = C2ST_SIZE, seed: int = 0) -> dict:
     """Classifier two-sample test (Lopez-Paz & Oquab 2017): can a small CNN tell images of `second` from images of
     `first`? Both sets are cut to the same size n and downsized to at most size x size; in k-fold cross-validation
     each image is judged by a classifier trained on the other folds. The accuracy is 0.5 when the sets cannot be
@@ -855,7 +888,7 @@ def c2st(first: np.ndarray, second: np.ndarray, groups: tuple | None = None, fol
     judged = np.zeros(2 * n, bool)
     for k in range(folds):
         keras.utils.set_random_seed(seed + k)
-        model = realism_classifier(size)
+        model = _fresh_judge(size)
         train, test = fold != k, fold == k
         ones = y[train].mean()  # folds of whole groups are not balanced: weigh the classes equal in training, or a
         weights = {0: 0.5 / (1 - ones), 1: 0.5 / ones}  # judge that sees no difference guesses the majority

@@ -97,13 +97,18 @@ def test_predict_rebuilds_from_the_run_folder_reports_baselines_and_generates(ti
     assert (tiny_run / "depths.png").is_file()
 
 
-def test_the_realism_references_are_measured_once_per_vqvae(tiny_run, capsys):
-    first = json.loads((tiny_run / "metrics.json").read_text())["samples"]["c2st"]
+def test_the_realism_references_are_measured_once_per_vqvae(tiny_run, capsys, monkeypatch):
+    first = json.loads((tiny_run / "metrics.json").read_text())["samples"]
+    measured = []
+    nearest_ssim = predict.utils.nearest_ssim
+    monkeypatch.setattr(predict.utils, "nearest_ssim", lambda q, p: measured.append(len(q)) or nearest_ssim(q, p))
     assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5"]) == 0
     assert capsys.readouterr().out.count("(measured before)") == 2  # real vs real, and the reconstructions
-    again = json.loads((tiny_run / "metrics.json").read_text())["samples"]["c2st"]
-    assert {k: again[k] for k in ("real_vs_real", "reconstructions_vs_real")} == \
-        {k: first[k] for k in ("real_vs_real", "reconstructions_vs_real")}
+    again = json.loads((tiny_run / "metrics.json").read_text())["samples"]
+    assert {k: again["c2st"][k] for k in ("real_vs_real", "reconstructions_vs_real")} == \
+        {k: first["c2st"][k] for k in ("real_vs_real", "reconstructions_vs_real")}
+    assert measured == [32]  # the copy check measured the samples only; the real slices' side was kept
+    assert again["nearest_train_ssim"]["real"] == first["nearest_train_ssim"]["real"]
 
 
 def test_same_seed_same_samples(tiny_run):
