@@ -96,6 +96,19 @@ def test_c2st_cannot_tell_real_from_real_and_always_tells_real_from_wrong():
     assert utils.c2st(first, shuffled, folds=4, epochs=15, size=32)["accuracy"] >= 0.9
 
 
+def test_a_reused_judge_judges_as_a_new_one():
+    """The C2ST compiles one judge per image size and resets it for every fold: weights, dropout seed and Adam's
+    state must all be back to a new judge's, or a second test would start from what the first one learned."""
+    rng = np.random.default_rng(0)
+    first = rng.random((24, 16, 16, 1)).astype("float32")
+    second = np.clip(first[::-1] + rng.normal(0, 0.2, first.shape), 0, 1).astype("float32")
+    utils._JUDGES.pop(16, None)
+    new = utils.c2st(first, second, epochs=4, size=16, seed=3)  # builds the judge
+    assert 16 in utils._JUDGES
+    utils.c2st(second, first, epochs=4, size=16, seed=9)  # trains it on something else
+    assert utils.c2st(first, second, epochs=4, size=16, seed=3) == new
+
+
 def test_cluster_bootstrap_interval_widens_with_fewer_groups():
     rng = np.random.default_rng(0)
     outcomes = [rng.random(200) < 0.7, rng.random(200) < 0.7]
