@@ -806,7 +806,12 @@ def downsized(images: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(ops.image.resize(images, (size, size), interpolation="bilinear", antialias=True))
 
 
-JUDGE_CHANNELS = (8, 16, 32, 64)  # the realism judge's convolutions
+# The realism test (classifier two-sample test): its judge and how it is trained. The README's "Choosing the judge"
+# measured these against the alternatives.
+JUDGE_CHANNELS = (8, 16, 32, 64)  # the judge's four strided convolutions
+C2ST_SIZE = 128  # the judge sees images at this size at most: at 64 px the samples' blotchy texture averages away
+C2ST_FOLDS = 3  # each image judged by a judge trained on the other two thirds: half the training of 5 folds
+C2ST_EPOCHS = 40  # at 20 the judge had not learned to look yet
 
 
 def realism_classifier(size: int):
@@ -845,13 +850,6 @@ def _fresh_judge(size: int):
     for variable, value in zip(judge.optimizer.variables, optimizer_state):  # step count and Adam's moments
         variable.assign(value)
     return judge
-
-
-C2ST_SIZE = 128  # the judge sees images at this size at most: at 64 px the samples' blotchy texture averages away
-
-
-C2ST_FOLDS = 3  # each image judged by a judge trained on the other two thirds: half the training of 5 folds
-C2ST_EPOCHS = 40  # at 20 the judge had not learned to look yet (README)
 
 
 def c2st(first: np.ndarray, second: np.ndarray, groups: tuple | None = None, folds: int = C2ST_FOLDS,
