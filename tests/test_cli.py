@@ -111,6 +111,16 @@ def test_the_realism_references_are_measured_once_per_vqvae(tiny_run, capsys, mo
     assert again["nearest_train_ssim"]["real"] == first["nearest_train_ssim"]["real"]
 
 
+def test_a_vqvae_saved_before_the_background_setting_decodes_with_the_runs_setting(tiny_run, tmp_path):
+    run = Run(tmp_path / "old")
+    shutil.copytree(tiny_run, run.path)
+    vqvae = run.stage("vqvae").load_model()
+    vqvae.background = 0.0  # what a VQ-VAE saved before --background existed reads back as
+    vqvae.save(run.stage("vqvae").checkpoint)
+    assert run.stage("vqvae").load_model().background == 0.0
+    assert predict.load_vqvae(run, run.read_config()).background == run.read_config().background == 0.02
+
+
 def test_same_seed_same_samples(tiny_run):
     first = [p.read_bytes() for p in sorted((tiny_run / "samples").glob("*.png"))]
     assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5", "--realism-samples", "0"]) == 0
