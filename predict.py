@@ -60,7 +60,7 @@ def evaluate_and_generate(argv: list[str] | None = None) -> None:
     out = Run(args.out) if args.out else run  # where the figures, samples and metrics go
     check_writable(out.path, given=bool(args.out))  # before minutes of evaluation, not after
     print(f"run: {run.path}" + (f"; writing into {out.path}" if args.out else ""))
-    vqvae = load_vqvae(run, config)
+    vqvae = run.load_vqvae()
     data_dir = args.data_dir or config.data_dir
     split = Split.load(data_dir, args.split, config.image_size)
     codes = evaluate_reconstruction(out, config, vqvae, split, data_dir)
@@ -68,14 +68,6 @@ def evaluate_and_generate(argv: list[str] | None = None) -> None:
         generate(run, out, config, vqvae, args, data_dir, split, codes)
     else:
         print(f"{run.path} has no prior yet, so no samples: `python train.py --resume {run.path} --stage prior`")
-
-
-def load_vqvae(run: Run, config: utils.Config):
-    """The run's VQ-VAE in full precision, decoding with the run's --background: a VQ-VAE saved before that setting
-    existed carries the model's default, 0 (a faint haze), while its config.json reads as the current default."""
-    vqvae = run.stage("vqvae").load_model(float32=True)
-    vqvae.background = config.background
-    return vqvae
 
 
 def check_writable(folder: Path, given: bool) -> None:

@@ -470,6 +470,14 @@ class Run:
     def stage(self, name: str) -> "Stage":
         return Stage(self, name)
 
+    def load_vqvae(self):
+        """The VQ-VAE in full precision, for evaluation and decoding, with the run's --background: a VQ-VAE saved
+        before that setting existed carries the model's default, 0 (a faint haze), while config.json reads as the
+        current default."""
+        vqvae = self.stage("vqvae").load_model(float32=True)
+        vqvae.background = self.read_config().background
+        return vqvae
+
     def discard_stages_from(self, name: str) -> None:
         """Forgets a stage and the stages after it, which learned from it: their checkpoints, histories and progress
         (and, from the VQ-VAE on, the code caches), so they train again from scratch."""

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         "the mean brain-shaped blob, plus noise": np.clip(mean_shape[None] + rng.normal(0, 0.05, val.shape), 0, 1),
     }
     if args.run:
-        vqvae = utils.Run.open(args.run).stage("vqvae").load_model(float32=True)
+        vqvae = utils.Run.open(args.run).load_vqvae()
         sets[f"VQ-VAE reconstructions of the validation slices ({args.run})"] = utils.reconstruct(vqvae, val)[0]
     print(f"C2ST against the {len(test)} test slices ({args.data_dir}, {args.image_size} px); 0.5 = cannot be told "
           "apart, 1.0 = always")

@@ -118,7 +118,7 @@ def test_a_vqvae_saved_before_the_background_setting_decodes_with_the_runs_setti
     vqvae.background = 0.0  # what a VQ-VAE saved before --background existed reads back as
     vqvae.save(run.stage("vqvae").checkpoint)
     assert run.stage("vqvae").load_model().background == 0.0
-    assert predict.load_vqvae(run, run.read_config()).background == run.read_config().background == 0.02
+    assert run.load_vqvae().background == run.read_config().background == 0.02
 
 
 def test_same_seed_same_samples(tiny_run):
