@@ -860,34 +860,61 @@ def _fresh_judge(size: int):
     return judge
 
 
-def c2st(first: np.ndarray, second: np.ndarray, groups: tuple | None = None, folds: int = C2ST_FOLDS,
+def c2st(first, second: np.ndarray, groups: tuple | None = None, folds: int = C2ST_FOLDS,
          epochs: int = C2ST_EPOCHS, size: int = C2ST_SIZE, seed: int = 0) -> dict:
     """Classifier two-sample test (Lopez-Paz & Oquab 2017): can a small CNN tell images of `second` from images of
     `first`? Both sets are cut to the same size n and downsized to at most size x size; in k-fold cross-validation
     each image is judged by a classifier trained on the other folds. The accuracy is 0.5 when the sets cannot be
     told apart and 1.0 when they always can.
 
-    groups: (ids of first, ids of second), e.g. each slice's subject. A group's images share a fold, so no image is
-    judged by a classifier that learned its near-duplicates (its subject's neighbouring slices), which would reward
-    memorising subjects rather than telling the sets apart. Each set's groups are dealt out over the folds on their
-    own, so that every fold holds both sets. With fewer than 2 groups in a set, the images are judged one by one
-    ("grouped": false). Default: every image is a group of its own.
+    first: one array, or a list of arrays, the draws (e.g. fresh samples each time). Each draw is judged against
+    `second` with folds and judges of its own, and the accuracy is over every draw's judgments: one draw of 128
+    samples moves by about 0.1 with the seed (README, "One draw is not enough"); "draws" lists each draw's.
 
-    The 95% interval resamples whole groups (a cluster bootstrap): the slices of one subject are judged alike, so
-    a few subjects make a wide interval however many slices they have.
+    groups: (ids of first, or a list of them per draw; ids of second), e.g. each slice's subject. A group's images
+    share a fold, so no image is judged by a classifier that learned its near-duplicates (its subject's
+    neighbouring slices), which would reward memorising subjects rather than telling the sets apart. Each set's
+    groups are dealt out over the folds on their own, so that every fold holds both sets. With fewer than 2 groups
+    in a set, its images are judged one by one ("grouped": false). Default: every image is a group of its own; the
+    same id in two draws is the same group (the same subject judged again).
+
+    The 95% interval resamples whole groups (a cluster bootstrap) over all draws: the slices of one subject are
+    judged alike, so a few subjects make a wide interval however many slices or draws they have.
     """
+    draws = first if isinstance(first, list) else [first]
+    first_ids = groups[0] if groups is not None else None
+    first_ids = first_ids if isinstance(first_ids, list) else [first_ids] * len(draws)
+    second_ids = np.arange(len(second)) if groups is None else groups[1]
+    second = (second, np.asarray(second_ids).astype(str))
+    results = []
+    for draw, (images, ids) in enumerate(zip(draws, first_ids)):
+        ids = [f"draw {draw} image {i}" for i in range(len(images))] if ids is None else ids  # new images each draw
+        results.append(_judged((images, np.asarray(ids).astype(str)), second, folds, epochs, size,
+                               seed=seed + draw * folds))  # no two judges share a seed
+    outcomes = [np.concatenate([r["correct"][s] for r in results]) for s in (0, 1)]
+    ids = [np.unique(np.concatenate([r["labels"][s] for r in results]), return_inverse=True)[1] for s in (0, 1)]
+    interval = cluster_bootstrap_interval(outcomes, ids, np.random.default_rng(seed))
+    return {"accuracy": float(np.concatenate(outcomes).mean()), "ci95": interval,
+            "draws": [float(np.concatenate(r["correct"]).mean()) for r in results],
+            "n_per_set": len(results[0]["correct"][0]), "folds": min(r["folds"] for r in results),
+            "grouped": groups is not None and all(r["grouped"] for r in results), "groups_per_set": [int(i.max() + 1) for i in ids]}
+
+
+def _judged(first: tuple, second: tuple, folds: int, epochs: int, size: int, seed: int) -> dict:
+    """One draw of the C2ST: (images, group labels) of each set; whether each judged image was judged right, and
+    the group labels of the judged images (each image's own index where a set has fewer than 2 groups)."""
     import keras
 
     rng = np.random.default_rng(seed)
-    n, size = min(len(first), len(second)), min(size, first.shape[1])
-    picks = [rng.permutation(len(s))[:n] for s in (first, second)]
-    x = np.concatenate([downsized(s[p], size) for s, p in zip((first, second), picks)]).astype("float32")
+    n, size = min(len(first[0]), len(second[0])), min(size, first[0].shape[1])
+    picks = [rng.permutation(len(images))[:n] for images, _ in (first, second)]
+    x = np.concatenate([downsized(s[0][p], size) for s, p in zip((first, second), picks)]).astype("float32")
     y = np.repeat([0.0, 1.0], n).astype("float32")
-    ids = [np.arange(n), np.arange(n)]  # each set's group of each image, numbered from 0
-    if groups is not None:
-        ids = [np.unique(np.asarray(g)[p], return_inverse=True)[1] for g, p in zip(groups, picks)]
-    grouped = bool(groups is not None and min(i.max() + 1 for i in ids) >= 2)
-    if not grouped:
+    labels = [s[1][p] for s, p in zip((first, second), picks)]
+    ids = [np.unique(label, return_inverse=True)[1] for label in labels]  # each set's groups, numbered from 0
+    grouped = min(i.max() + 1 for i in ids) >= 2
+    if not grouped:  # judged one by one: each image a group of its own
+        labels = [np.array([f"{label} #{p}" for label, p in zip(l, pick)]) for l, pick in zip(labels, picks)]
         ids = [np.arange(n), np.arange(n)]
     folds = min(folds, *(i.max() + 1 for i in ids))
     fold = np.concatenate([(rng.permutation(i.max() + 1) % folds)[i] for i in ids])  # a group's images share one
@@ -901,9 +928,7 @@ def c2st(first: np.ndarray, second: np.ndarray, groups: tuple | None = None, fol
         model.fit(x[train], y[train], batch_size=32, epochs=epochs, verbose=0, shuffle=True, class_weight=weights)
         logits = batched(lambda batch: model(batch, training=False), x[test])[:, 0]  # eager: no retracing per fold
         judged[test] = (logits > 0) == (y[test] == 1)
-    interval = cluster_bootstrap_interval([judged[:n], judged[n:]], ids, rng)
-    return {"accuracy": float(judged.mean()), "ci95": interval, "n_per_set": n, "folds": folds, "grouped": grouped,
-            "groups_per_set": [int(i.max() + 1) for i in ids]}
+    return {"correct": (judged[:n], judged[n:]), "labels": labels, "grouped": bool(grouped), "folds": folds}
 
 
 def cluster_bootstrap_interval(outcomes: list, ids: list, rng, resamples: int = 2000) -> list[float]:

@@ -62,7 +62,7 @@ def test_config_round_trips_through_json(tiny_run):
 
 
 def test_predict_rebuilds_from_the_run_folder_reports_baselines_and_generates(tiny_run, capsys):
-    assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5"]) == 0
+    assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5", "--realism-draws", "2"]) == 0
     out = capsys.readouterr().out
     assert "vqvae" in out and "bilinear_x4" in out and "all_black" in out and "generated 3 brains" in out
     for name in ["ssim_hist.png", "recon_test.png", "samples.png"]:
@@ -89,6 +89,7 @@ def test_predict_rebuilds_from_the_run_folder_reports_baselines_and_generates(ti
                                 "samples_at_real_depths_vs_real"}
     for result in gen["c2st"].values():
         assert result["n_per_set"] == 32 and 0 <= result["ci95"][0] <= result["accuracy"] <= result["ci95"][1] <= 1
+        assert len(result["draws"]) == 2 and result["accuracy"] == pytest.approx(np.mean(result["draws"]))
     assert "realism: can a small CNN tell these from real test slices?" in out
     for key in ["samples", "real"]:
         assert -1 <= gen["nearest_train_ssim"][key]["min"] <= gen["nearest_train_ssim"][key]["mean"] <= 1
@@ -102,8 +103,8 @@ def test_the_realism_references_are_measured_once_per_vqvae(tiny_run, capsys, mo
     measured = []
     nearest_ssim = predict.utils.nearest_ssim
     monkeypatch.setattr(predict.utils, "nearest_ssim", lambda q, p: measured.append(len(q)) or nearest_ssim(q, p))
-    assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5"]) == 0
-    assert capsys.readouterr().out.count("(measured before)") == 2  # real vs real, and the reconstructions
+    assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5", "--realism-draws", "2"]) == 0
+    assert capsys.readouterr().out.count(", measured before)") == 2  # real vs real, and the reconstructions
     again = json.loads((tiny_run / "metrics.json").read_text())["samples"]
     assert {k: again["c2st"][k] for k in ("real_vs_real", "reconstructions_vs_real")} == \
         {k: first["c2st"][k] for k in ("real_vs_real", "reconstructions_vs_real")}

@@ -17,6 +17,10 @@ def test_sampler_shapes_range_seed_and_temperature():
     assert codes.shape == (5, 6, 7) and codes.dtype == np.int32 and codes.min() >= 0 and codes.max() < K
     np.testing.assert_array_equal(sample(1.0, 0), codes)  # same seed, same samples
     assert not np.array_equal(sample(1.0, 1), codes)
+    sampler = predict.make_sampler(prior, 1.0, 0)
+    np.testing.assert_array_equal(sampler(5, seed=1), sample(1.0, 1))  # a seed per call, one sampler
+    np.testing.assert_array_equal(sampler(5, stream=2), sampler(5, stream=2))
+    assert not np.array_equal(sampler(5, stream=2), codes)  # another stream of the same seed: other samples
     greedy = sample(0.0, 0)
     np.testing.assert_array_equal(greedy, np.asarray(prior(greedy)).argmax(-1))  # the argmax path
     np.testing.assert_array_equal(sample(1e-4, 5), greedy)  # temperature -> 0 tends to it
@@ -94,6 +98,23 @@ def test_c2st_cannot_tell_real_from_real_and_always_tells_real_from_wrong():
     rng = np.random.default_rng(0)
     shuffled = np.stack([image.reshape(-1)[rng.permutation(image.size)].reshape(image.shape) for image in second])
     assert utils.c2st(first, shuffled, folds=4, epochs=15, size=32)["accuracy"] >= 0.9
+
+
+def test_a_c2st_over_draws_pools_the_draws_judgments():
+    """Several draws (fresh samples each) are judged one by one, as separate tests with their own seeds would judge
+    them; the accuracy is over all judgments, and an image of the fixed set judged in two draws is one group."""
+    rng = np.random.default_rng(0)
+    second = rng.random((20, 16, 16, 1)).astype("float32")
+    draws = [np.clip(second[rng.permutation(20)] + rng.normal(0, s, second.shape), 0, 1).astype("float32")
+             for s in (0.1, 0.3)]
+    pooled = utils.c2st(draws, second, folds=2, epochs=4, size=16, seed=5)
+    alone = [utils.c2st(draw, second, folds=2, epochs=4, size=16, seed=5 + 2 * r)["accuracy"]
+             for r, draw in enumerate(draws)]
+    assert pooled["draws"] == alone and pooled["accuracy"] == pytest.approx(np.mean(alone))
+    assert pooled["n_per_set"] == 20 and pooled["groups_per_set"] == [40, 20]  # new samples, the same real images
+    subject = np.repeat(np.arange(4), 5)
+    grouped = utils.c2st(draws, second, groups=([subject, subject], subject), folds=2, epochs=4, size=16)
+    assert grouped["grouped"] and grouped["groups_per_set"] == [4, 4]  # the same subjects in both draws
 
 
 def test_a_reused_judge_judges_as_a_new_one():
