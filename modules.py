@@ -520,12 +520,16 @@ class PixelCNNPrior(keras.Model):
     per position, the horizontal stack is computed at that position only, from cached left neighbours. The whole
     loop is ops.fori_loop, so it compiles into one graph (tf.function / jax.jit).
 
+    With attention_layers > 0, causal self-attention over the whole grid follows the gated stack (as in
+    PixelSNAIL, Chen et al. 2018): the convolutions see a window of rows above a position, attention every position
+    before it, so the layout of the whole slice (symmetry, where the ventricles are) can inform each code.
+
     Example: PixelCNNPrior(num_embeddings=256, grid_shape=(32, 32), channels=48, num_layers=10, kernel_size=3)
     maps codes (8, 32, 32) to logits (8, 32, 32, 256); its position map is a learned (32, 32, 48) weight.
     """
 
     def __init__(self, num_embeddings: int, grid_shape, channels: int, num_layers: int, kernel_size: int,
-                 num_conditions: int = 0, **kwargs):
+                 num_conditions: int = 0, attention_layers: int = 0, **kwargs):
         super().__init__(**kwargs)
         _check_positive(num_embeddings=num_embeddings, channels=channels, num_layers=num_layers,
                         grid_height=grid_shape[0], grid_width=grid_shape[1])
@@ -534,11 +538,20 @@ class PixelCNNPrior(keras.Model):
         self.num_embeddings, self.grid_shape = num_embeddings, tuple(grid_shape)
         self.channels, self.num_layers = channels, num_layers
         self.kernel_size, self.num_conditions = kernel_size, num_conditions
+        if attention_layers < 0:
+            raise ValueError(f"attention_layers must be 0 or more, got {attention_layers}")
+        self.attention_layers = attention_layers
         policy = self.dtype_policy
         self.embedding = layers.Embedding(num_embeddings, channels, name="code_embedding", dtype=policy)
         self.blocks = [GatedPixelCNNBlock(channels, kernel_size, first=i == 0, last=i == num_layers - 1,
                                           num_conditions=num_conditions, name=f"gated{i}", dtype=policy)
                        for i in range(num_layers)]
+        # Each attention layer: one head; queries, keys and values from one projection; the output projection
+        # starts at zero, so a new layer starts as the identity and the stack's training is undisturbed at first.
+        self.attention_qkv = [layers.Dense(3 * channels, name=f"attention{a}_qkv", dtype=policy)
+                              for a in range(attention_layers)]
+        self.attention_out = [layers.Dense(channels, kernel_initializer="zeros", name=f"attention{a}_out",
+                                           dtype=policy) for a in range(attention_layers)]
         self.head_hidden = layers.Conv2D(channels, 1, name="head_hidden", dtype=policy)
         self.head_logits = layers.Conv2D(num_embeddings, 1, name="logits", dtype="float32")  # softmax in float32
 
@@ -550,6 +563,9 @@ class PixelCNNPrior(keras.Model):
         features = (*shape, self.channels)
         for block in self.blocks:
             block.build(features)
+        for qkv, out in zip(self.attention_qkv, self.attention_out):
+            qkv.build(features)
+            out.build(features)
         self.head_hidden.build(features)
         self.head_logits.build(features)
 
@@ -572,7 +588,19 @@ class PixelCNNPrior(keras.Model):
         for block in self.blocks:
             v, h, skip = block(v, h, self.position, condition)
             skips = skips + skip
-        return self.head_logits(ops.relu(self.head_hidden(ops.relu(skips))))  # (N, H, W, K)
+        features = ops.relu(skips)  # (N, H, W, C): at each position, a function of the codes before it
+        if self.attention_layers:
+            n, (height, width) = ops.shape(features)[0], self.grid_shape
+            features = ops.reshape(features, (n, height * width, self.channels))  # raster order
+            order = ops.arange(height * width)
+            causal = order[None, :] <= order[:, None]  # query i sees keys 0..i: functions of the codes before i
+            for qkv, out in zip(self.attention_qkv, self.attention_out):
+                query, key, value = ops.split(qkv(features), 3, axis=-1)  # (N, HW, C) each
+                scores = ops.einsum("nqc,nkc->nqk", query, key) / math.sqrt(self.channels)  # (N, HW, HW)
+                weights = ops.softmax(ops.where(causal, ops.cast(scores, "float32"), -1e9), axis=-1)
+                features = features + out(ops.einsum("nqk,nkc->nqc", ops.cast(weights, value.dtype), value))
+            features = ops.reshape(features, (n, height, width, self.channels))
+        return self.head_logits(ops.relu(self.head_hidden(features)))  # (N, H, W, K)
 
     def receptive_rows(self) -> int:
         """How many rows above a position can influence its logits."""
@@ -594,11 +622,13 @@ class PixelCNNPrior(keras.Model):
         # Caches, zero where the full forward pass zero-pads: vertical[l] is the input of block l's vertical
         # convolution, rows padded by c on top and columns by c on both sides.
         vertical = tuple(ops.zeros((n, height + c, width + 2 * c, self.channels)) for _ in self.blocks)
+        # memory[a]: keys and values of attention layer a at every position sampled so far, (N, H * W, C) each
+        memory = tuple((ops.zeros((n, height * width, self.channels)),) * 2 for _ in self.attention_qkv)
         codes = ops.zeros((n, height, width), "int32")
         position_map = ops.convert_to_tensor(self.position)  # a tensor, not a variable: JAX slices only arrays
 
         def row_step(i, state):
-            codes, vertical = state
+            codes, vertical, memory = state
             # The row above is final: push it through the vertical stack, one row per block.
             above = ops.maximum(i - 1, 0)
             v_row = self.embed(ops.slice(codes, (0, above, 0), (n, 1, width)))  # (N, 1, W, C)
@@ -614,22 +644,23 @@ class PixelCNNPrior(keras.Model):
                 links.append(ops.where(i > 0, link, ops.zeros_like(link)))  # row 0 has nothing above
                 if not block.last:
                     v_row = _gate(v_features + block.gate_terms(position_row, condition, 4, "vertical"))
-            codes = self._sample_row(i, codes, links, draw, condition, position_map)
-            return codes, tuple(vertical)
+            codes, memory = self._sample_row(i, codes, links, memory, draw, condition, position_map)
+            return codes, tuple(vertical), memory
 
-        codes, _ = ops.fori_loop(0, height, row_step, (codes, vertical))
+        codes, _, _ = ops.fori_loop(0, height, row_step, (codes, vertical, memory))
         return codes
 
-    def _sample_row(self, i, codes, links, draw, condition, position_map):
-        """Samples row i left to right; links[l] (N, W, 2C) carries the rows above into block l."""
+    def _sample_row(self, i, codes, links, memory, draw, condition, position_map):
+        """Samples row i left to right; links[l] (N, W, 2C) carries the rows above into block l, memory the
+        attention layers' keys and values of the positions before."""
         n, width = ops.shape(codes)[0], self.grid_shape[1]
         c = self.kernel_size // 2
         # horizontal[l]: the input of block l's horizontal convolution along row i, padded by c on the left.
         horizontal = tuple(ops.zeros((n, width + c, self.channels)) for _ in self.blocks)
 
         def column_step(j, state):
-            codes, horizontal = state
-            horizontal = list(horizontal)
+            codes, horizontal, memory = state
+            horizontal, memory = list(horizontal), list(memory)
             position = ops.reshape(ops.slice(position_map, (i, j, 0), (1, 1, self.channels)), (1, -1))  # (1, C)
             skips = 0.0
             for l, block in enumerate(self.blocks):
@@ -643,19 +674,30 @@ class PixelCNNPrior(keras.Model):
                     residual = _dense(block.residual, gated)
                     h = residual if block.first else window[:, c] + residual
                     horizontal[l + 1] = ops.slice_update(horizontal[l + 1], (0, j + c, 0), h[:, None])
-            logits = _dense(self.head_logits, ops.relu(_dense(self.head_hidden, ops.relu(skips))))  # (N, K)
-            new = ops.cast(draw(logits, i * width + j), "int32")  # (N,)
+            features = ops.relu(skips)  # (N, C)
+            index = i * width + j  # in raster order
+            seen = ops.arange(self.grid_shape[0] * width) <= index  # this position and the ones before
+            for a, (qkv, out) in enumerate(zip(self.attention_qkv, self.attention_out)):
+                query, key, value = ops.split(qkv(features), 3, axis=-1)  # (N, C) each
+                keys, values = (ops.slice_update(cache, (0, index, 0), new[:, None])
+                                for cache, new in zip(memory[a], (key, value)))
+                memory[a] = keys, values
+                scores = ops.einsum("nc,npc->np", query, keys) / math.sqrt(self.channels)  # (N, H * W)
+                weights = ops.softmax(ops.where(seen[None], scores, -1e9), axis=-1)
+                features = features + out(ops.einsum("np,npc->nc", weights, values))
+            logits = _dense(self.head_logits, ops.relu(_dense(self.head_hidden, features)))  # (N, K)
+            new = ops.cast(draw(logits, index), "int32")  # (N,)
             codes = ops.slice_update(codes, (0, i, j), new[:, None, None])
             horizontal[0] = ops.slice_update(horizontal[0], (0, j + c, 0), self.embed(new)[:, None])
-            return codes, tuple(horizontal)
+            return codes, tuple(horizontal), tuple(memory)
 
-        codes, _ = ops.fori_loop(0, width, column_step, (codes, horizontal))
-        return codes
+        codes, _, memory = ops.fori_loop(0, width, column_step, (codes, horizontal, memory))
+        return codes, memory
 
     def get_config(self):
         return {**super().get_config(), "num_embeddings": self.num_embeddings, "grid_shape": self.grid_shape,
                 "channels": self.channels, "num_layers": self.num_layers, "kernel_size": self.kernel_size,
-                "num_conditions": self.num_conditions}
+                "num_conditions": self.num_conditions, "attention_layers": self.attention_layers}
 
 
 def _dense(conv1x1, x):

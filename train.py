@@ -365,8 +365,11 @@ def train_prior(run: Run, config: Config, hardware: Hardware, retrain: bool = Fa
     callbacks = [StopOnNonFiniteLoss(stage, "--prior-learning-rate", config.prior_learning_rate), BitsPerCode(),
                  curves, Checkpoint(stage)]
     conditioned = ", conditioned on the slice position" if prior.num_conditions else ""
-    print(f"PixelCNN prior: {prior.count_params():,} parameters, {config.prior_layers} gated layers, receptive "
-          f"field {prior.receptive_rows()} rows of the {config.grid_size}x{config.grid_size} grid{conditioned}")
+    grid = f"{config.grid_size}x{config.grid_size} grid"
+    reach = (f"{prior.attention_layers} attention layer(s): each code sees every code before it in the {grid}"
+             if prior.attention_layers else f"receptive field {prior.receptive_rows()} rows of the {grid}")
+    print(f"PixelCNN prior: {prior.count_params():,} parameters, {config.prior_layers} gated layers, "
+          f"{reach}{conditioned}")
     (train_inputs, train_codes), validation = (prior_inputs(prior, *cached[split]) for split in ("train", "validate"))
     prior.fit(train_inputs, train_codes, validation_data=validation, batch_size=config.prior_batch_size,
               initial_epoch=stage.epochs_done, epochs=config.prior_epochs, callbacks=callbacks,

@@ -141,6 +141,9 @@ class Config:
     prior_channels: int = setting(128, "width of the gated stacks")
     prior_layers: int = setting(15, "gated blocks; each adds kernel_size // 2 rows of context above a position")
     prior_kernel_size: int = setting(5, "5 doubles the reach of 3 per layer: brain outlines span the whole grid")
+    prior_attention_layers: int = setting(0, "causal self-attention layers over the whole code grid after the "
+                                             "gated stack (PixelSNAIL-style): each code sees every code before it, "
+                                             "not just the rows its convolutions reach")
     prior_batch_size: int = setting(32, "code grids per step")
     prior_epochs: int = setting(50, "passes over the training split's code grids")
     prior_learning_rate: float = setting(3e-4, "Adam's initial rate, decayed by a cosine to 5% of it")
@@ -180,6 +183,8 @@ class Config:
                 raise UserError(f"{flag(field)} must be positive, got {getattr(self, field)}")
         if self.prior_kernel_size < 3 or self.prior_kernel_size % 2 == 0:
             raise UserError(f"--prior-kernel-size must be odd and at least 3, got {self.prior_kernel_size}")
+        if self.prior_attention_layers < 0:
+            raise UserError(f"--prior-attention-layers must be 0 or more, got {self.prior_attention_layers}")
         if self.prior_position_frequencies < 0:
             raise UserError(f"--prior-position-frequencies must be 0 or more, got {self.prior_position_frequencies}")
         if not 0 <= self.background < 1:
@@ -198,7 +203,8 @@ class Config:
         """The arguments of modules.PixelCNNPrior, taken from this config."""
         return dict(num_embeddings=self.num_embeddings, grid_shape=(self.grid_size, self.grid_size),
                     channels=self.prior_channels, num_layers=self.prior_layers, kernel_size=self.prior_kernel_size,
-                    num_conditions=2 * self.prior_position_frequencies)
+                    num_conditions=2 * self.prior_position_frequencies,
+                    attention_layers=self.prior_attention_layers)
 
     @property
     def grid_size(self) -> int:

@@ -218,9 +218,12 @@ def test_resume_trains_the_prior_of_a_run_whose_vqvae_is_trained(tiny_run, tmp_p
                           ["config.json", "vqvae.keras", "codes_train.npz", "codes_validate.npz"])
     assert train.main(["--resume", str(run), "--stage", "prior", "--image-size", "64"]) == 2
     assert "drop --image-size" in capsys.readouterr().err
-    assert train.main(["--resume", str(run), "--stage", "prior", "--prior-epochs", "1", "--prior-layers", "1"]) == 0
+    assert train.main(["--resume", str(run), "--stage", "prior", "--prior-epochs", "1", "--prior-layers", "1",
+                       "--prior-attention-layers", "1"]) == 0
     assert Run.open(run).read_config().prior_layers == 1
-    assert Run.open(run).stage("prior").load_model().num_layers == 1
+    prior = Run.open(run).stage("prior").load_model()
+    assert prior.num_layers == 1 and prior.attention_layers == 1
+    assert predict.main(["--run", str(run), "--num-samples", "2", "--realism-samples", "0"]) == 0
 
 
 def test_predict_refuses_a_prior_of_another_codebook_size(tiny_run, tmp_path, capsys):

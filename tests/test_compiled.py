@@ -20,7 +20,8 @@ from conftest import BACKEND, compiled
 pytestmark = pytest.mark.any_backend
 
 CONFIG = dataclasses.replace(utils.Config(), image_size=32, hidden_channels=8, num_res_blocks=1, num_embeddings=16,
-                             embedding_dim=4, prior_channels=8, prior_layers=2, prior_kernel_size=3)
+                             embedding_dim=4, prior_channels=8, prior_layers=2, prior_kernel_size=3,
+                             prior_attention_layers=1)  # the prior with everything it can have
 
 
 def lowered_train_step(model, x, y) -> str:

@@ -134,6 +134,7 @@ def test_train_cli_reports_bad_data_in_one_line_with_exit_2_and_creates_no_run(t
     (["--epochs", "0"], "--epochs must be a positive integer"),
     (["--batch-size", "-1"], "--batch-size must be a positive integer"),
     (["--image-size", "30", "--downsample", "4"], "not divisible by --downsample"),
+    (["--prior-attention-layers", "-1"], "--prior-attention-layers must be 0 or more"),
 ])
 def test_train_main_rejects_bad_settings_with_exit_2(tmp_path, monkeypatch, capsys, args, expected):
     monkeypatch.chdir(tmp_path)

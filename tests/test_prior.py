@@ -13,10 +13,10 @@ pytestmark = pytest.mark.any_backend
 K = 7
 
 
-def make_prior(layers=3, kernel_size=3, conditions=0, seed=0, grid=(6, 7)):
+def make_prior(layers=3, kernel_size=3, conditions=0, seed=0, grid=(6, 7), attention=0):
     keras.utils.set_random_seed(seed)
     prior = PixelCNNPrior(num_embeddings=K, grid_shape=grid, channels=8, num_layers=layers,
-                          kernel_size=kernel_size, num_conditions=conditions)
+                          kernel_size=kernel_size, num_conditions=conditions, attention_layers=attention)
     prior.build([(None, *grid), (None, conditions)] if conditions else (None, *grid))
     rng = np.random.default_rng(seed)  # weights far from initial so every path carries signal
     for weight in prior.weights:
@@ -67,8 +67,9 @@ def raster_influence(prior, codes, position):
     return np.abs(np.asarray(prior(other)) - base).max(-1)[0] > 1e-5
 
 
-def test_prior_is_causal_in_raster_order_without_blind_spot():
-    prior = make_prior(layers=3, grid=(8, 8))
+@pytest.mark.parametrize("attention", [0, 1])
+def test_prior_is_causal_in_raster_order_without_blind_spot(attention):
+    prior = make_prior(layers=3, grid=(8, 8), attention=attention)
     codes = np.random.default_rng(1).integers(0, K, (1, 8, 8))
     i, j = 4, 3
     changed = raster_influence(prior, codes, (i, j))
@@ -78,11 +79,28 @@ def test_prior_is_causal_in_raster_order_without_blind_spot():
     # no blind spot: the code above-right of a position reaches it (a plain masked-conv stack misses this)
     assert raster_influence(prior, codes, (i - 1, j + 1))[i, j]
     assert raster_influence(prior, codes, (i - 1, j + 2))[i, j]
+    # 3 layers of 3x3 reach 4 rows up; attention reaches every code before
+    assert raster_influence(prior, codes, (0, 7))[i, j] == bool(attention)
 
 
-@pytest.mark.parametrize("kernel_size, conditions", [(3, 0), (5, 0), (3, 2)])
-def test_fast_sampler_computes_the_same_logits_as_the_full_model(kernel_size, conditions):
-    prior = make_prior(layers=3, kernel_size=kernel_size, conditions=conditions)
+def test_attention_starts_as_the_identity():
+    """A new attention layer's output projection is zero: the prior computes what it would without it."""
+    attending = PixelCNNPrior(num_embeddings=K, grid_shape=(6, 7), channels=8, num_layers=2, kernel_size=3,
+                              attention_layers=2)
+    plain = PixelCNNPrior(num_embeddings=K, grid_shape=(6, 7), channels=8, num_layers=2, kernel_size=3)
+    for prior in (attending, plain):
+        prior.build((None, 6, 7))
+    shared = {weight.path.split("/", 1)[1]: weight for weight in attending.weights}
+    for weight in plain.weights:  # the same weights where both have them
+        weight.assign(shared[weight.path.split("/", 1)[1]])
+    codes = np.random.default_rng(0).integers(0, K, (2, 6, 7))
+    np.testing.assert_allclose(np.asarray(attending(codes)), np.asarray(plain(codes)), atol=1e-6)
+    assert len(attending.weights) == len(plain.weights) + 8  # 2 layers x (qkv, out) x (kernel, bias)
+
+
+@pytest.mark.parametrize("kernel_size, conditions, attention", [(3, 0, 0), (5, 0, 0), (3, 2, 0), (3, 2, 2)])
+def test_fast_sampler_computes_the_same_logits_as_the_full_model(kernel_size, conditions, attention):
+    prior = make_prior(layers=3, kernel_size=kernel_size, conditions=conditions, attention=attention)
     condition = np.random.default_rng(2).normal(size=(2, conditions)).astype("float32") if conditions else None
     seen = {}
 
@@ -107,7 +125,7 @@ def test_conditioning_changes_the_logits():
 
 
 def test_prior_keras_round_trip(tmp_path):
-    prior = make_prior(conditions=2)
+    prior = make_prior(conditions=2, attention=1)
     codes = np.random.default_rng(0).integers(0, K, (2, 6, 7))
     condition = np.ones((2, 2), "float32")
     prior.save(tmp_path / "prior.keras")
