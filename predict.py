@@ -244,16 +244,6 @@ def generate(run: Run, out: Run, config: utils.Config, vqvae, args: argparse.Nam
     real, test = held_out["validate"], held_out["test"]
     n, draws = min(args.realism_samples, len(real.images), len(test.images)), args.realism_draws
     if n and draws:
-        picks = [np.random.default_rng([seed, r]).permutation(len(real.images))[:n] for r in range(draws)]
-        real_images, real_subjects = [real.images[p] for p in picks], [real.subjects()[p] for p in picks]
-        samples = [generated(n, depths.draw(n) if conditioned else None, stream=2 * r + 1) for r in range(draws)]
-        judged = {"real_vs_real": (real_images, real_subjects),  # a subject's slices share a fold (utils.c2st)
-                  "reconstructions_vs_real": ([utils.reconstruct(vqvae, images)[0] for images in real_images],
-                                              real_subjects),
-                  "samples_vs_real": (samples, None)}  # independent draws: each its own group
-        if conditioned and real.positions is not None:
-            judged["samples_at_real_depths_vs_real"] = ([generated(n, real.positions[p], stream=2 * r + 2)
-                                                         for r, p in enumerate(picks)], None)
         # The references (and the real side of the copy check) depend on the data, the VQ-VAE and the judge only:
         # measured once, then read from metrics.json.
         reference = {"n": n, "draws": draws, "seed": seed, "data_dir": str(data_dir),
@@ -261,7 +251,20 @@ def generate(run: Run, out: Run, config: utils.Config, vqvae, args: argparse.Nam
                      "judge": {"channels": list(utils.JUDGE_CHANNELS), "folds": utils.C2ST_FOLDS,
                                "epochs": utils.C2ST_EPOCHS, "size": utils.C2ST_SIZE}}  # another judge: measure anew
         known, known_copy = previous_references(out, reference)
-        section["c2st"] = realism({k: v for k, v in judged.items() if k not in known}, test, seed, known)
+        picks = [np.random.default_rng([seed, r]).permutation(len(real.images))[:n] for r in range(draws)]
+        subjects = real.subjects()
+        real_images, real_subjects = [real.images[p] for p in picks], [subjects[p] for p in picks]
+        samples = [generated(n, depths.draw(n) if conditioned else None, stream=2 * r + 1) for r in range(draws)]
+        judged = {"samples_vs_real": (samples, None)}  # independent draws: each its own group
+        if "real_vs_real" not in known:  # a subject's slices share a fold (utils.c2st)
+            judged["real_vs_real"] = (real_images, real_subjects)
+        if "reconstructions_vs_real" not in known:
+            judged["reconstructions_vs_real"] = ([utils.reconstruct(vqvae, images)[0] for images in real_images],
+                                                 real_subjects)
+        if conditioned and real.positions is not None:
+            judged["samples_at_real_depths_vs_real"] = ([generated(n, real.positions[p], stream=2 * r + 2)
+                                                         for r, p in enumerate(picks)], None)
+        section["c2st"] = realism(judged, test, seed, known)
         section["c2st_reference"] = reference
         section["nearest_train_ssim"] = copy_check(samples[0], real_images[0], config, data_dir, known_copy)
         section["brain_fraction"] = {"samples": utils.summarize(utils.brain_fraction(np.concatenate(samples))),
@@ -308,9 +311,9 @@ def realism(judged: dict, test: Split, seed: int, known: dict) -> dict:
     size = min(utils.C2ST_SIZE, test.images.shape[1])
     print(f"realism: can a small CNN tell these from real test slices? (classifier two-sample test, "
           f"{utils.C2ST_FOLDS}-fold, at {size} px; 0.5 = indistinguishable, 1.0 = always told apart)")
-    results = dict(known)
+    results, test_subjects = dict(known), test.subjects()
     for name, (draws, subjects) in judged.items():
-        results[name] = utils.c2st(draws, test.images, groups=(subjects, test.subjects()), seed=seed)
+        results[name] = utils.c2st(draws, test.images, groups=(subjects, test_subjects), seed=seed)
     for name in labels:
         if name in results:
             result = results[name]
