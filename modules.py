@@ -23,6 +23,10 @@ import keras
 from keras import layers, ops
 
 PACKAGE = "brainvq"
+# A two-level prior's layout grid has one cell per LAYOUT_POOL x LAYOUT_POOL codes: 16x16 cells of 8x8 px on the
+# demo (128 px, 32x32 codes), 32x32 cells at OASIS scale: coarse enough for a short sequence, fine enough to place
+# ventricles and the midline.
+LAYOUT_POOL = 2
 
 
 def _check_positive(**values) -> None:
@@ -341,6 +345,11 @@ class VQVAE(keras.Model):
         images = ops.clip(self.decoder(self.quantizer.embed(indices)), 0.0, 1.0)
         return ops.where(images < self.background, ops.zeros_like(images), images)
 
+    def layout(self, indices, levels: int):
+        """(N, h, w) code grid -> (N, h/2, w/2) layout grid of its decoded slice (`layout_grid`): a function of the
+        codes alone, so a two-level prior's p(layout) p(codes | layout) is p(codes)."""
+        return layout_grid(self.decode(indices), self.downsample, levels)
+
     def get_config(self):
         return {**super().get_config(), "downsample": self.downsample, "num_embeddings": self.num_embeddings,
                 "embedding_dim": self.embedding_dim, "hidden_channels": self.hidden_channels,
@@ -524,12 +533,22 @@ class PixelCNNPrior(keras.Model):
     PixelSNAIL, Chen et al. 2018): the convolutions see a window of rows above a position, attention every position
     before it, so the layout of the whole slice (symmetry, where the ventricles are) can inform each code.
 
+    With layout_levels > 0 it is a two-level prior (after VQ-VAE-2, Razavi et al. 2019, and multiscale PixelCNNs,
+    Reed et al. 2017): a coarse layout grid of half the size on each side (the decoded slice's mean intensity per
+    cell in layout_levels bins, `layout_grid`) is modelled first, by a PixelCNNPrior of its own (`layout_prior`,
+    the same depth, width and conditions), and every gate of the code prior sees the layout around its position
+    (`layout_features`): the cells below and right of a code too, where no code before it reaches. The layout is
+    a function of the codes, so p(codes) = p(layout) p(codes | layout): the two cross-entropies, the layout's
+    weighted by its share of cells, add up to the codes' NLL. Inputs are then [codes, condition, layout]
+    ([codes, layout] unconditioned), and call returns {"codes": logits, "layout": layout logits (N, H/2, W/2,
+    layout_levels)}; `sample` draws the layout first.
+
     Example: PixelCNNPrior(num_embeddings=256, grid_shape=(32, 32), channels=48, num_layers=10, kernel_size=3)
     maps codes (8, 32, 32) to logits (8, 32, 32, 256); its position map is a learned (32, 32, 48) weight.
     """
 
     def __init__(self, num_embeddings: int, grid_shape, channels: int, num_layers: int, kernel_size: int,
-                 num_conditions: int = 0, attention_layers: int = 0, **kwargs):
+                 num_conditions: int = 0, attention_layers: int = 0, layout_levels: int = 0, **kwargs):
         super().__init__(**kwargs)
         _check_positive(num_embeddings=num_embeddings, channels=channels, num_layers=num_layers,
                         grid_height=grid_shape[0], grid_width=grid_shape[1])
@@ -541,6 +560,11 @@ class PixelCNNPrior(keras.Model):
         if attention_layers < 0:
             raise ValueError(f"attention_layers must be 0 or more, got {attention_layers}")
         self.attention_layers = attention_layers
+        if layout_levels < 0 or layout_levels == 1:
+            raise ValueError(f"layout_levels must be 0 (one level) or 2 or more, got {layout_levels}")
+        if layout_levels and (grid_shape[0] % LAYOUT_POOL or grid_shape[1] % LAYOUT_POOL):
+            raise ValueError(f"a two-level prior needs a grid divisible by {LAYOUT_POOL}, got {tuple(grid_shape)}")
+        self.layout_levels = layout_levels
         policy = self.dtype_policy
         self.embedding = layers.Embedding(num_embeddings, channels, name="code_embedding", dtype=policy)
         self.blocks = [GatedPixelCNNBlock(channels, kernel_size, first=i == 0, last=i == num_layers - 1,
@@ -554,13 +578,30 @@ class PixelCNNPrior(keras.Model):
                                            dtype=policy) for a in range(attention_layers)]
         self.head_hidden = layers.Conv2D(channels, 1, name="head_hidden", dtype=policy)
         self.head_logits = layers.Conv2D(num_embeddings, 1, name="logits", dtype="float32")  # softmax in float32
+        if layout_levels:
+            self.layout_prior = PixelCNNPrior(layout_levels, self.layout_shape, channels, num_layers, kernel_size,
+                                              num_conditions, name="layout_prior", dtype=policy)
+            self.layout_embedding = layers.Embedding(layout_levels, channels, name="layout_embedding", dtype=policy)
+            # two 3x3 convolutions, over cells then over codes: each code sees the layout 2 cells around it
+            self.layout_convs = [layers.Conv2D(channels, 3, padding="same", activation="relu", name=name,
+                                               dtype=policy) for name in ("layout_cells", "layout_features")]
 
-    def build(self, input_shape):  # (N, H, W), or [(N, H, W), (N, num_conditions)] when conditioned
-        shape = tuple(input_shape[0] if self.num_conditions else input_shape)
+    @property
+    def layout_shape(self) -> tuple[int, int]:
+        return self.grid_shape[0] // LAYOUT_POOL, self.grid_shape[1] // LAYOUT_POOL
+
+    def build(self, input_shape):  # (N, H, W); a list [(N, H, W), (N, num_conditions), (N, H/2, W/2)] of those used
+        shape = tuple(input_shape[0] if self.num_conditions or self.layout_levels else input_shape)
         self.embedding.build(shape)
         self.position = self.add_weight(name="position_map", shape=(*self.grid_shape, self.channels),
                                         initializer=keras.initializers.RandomNormal(stddev=1.0))
         features = (*shape, self.channels)
+        if self.layout_levels:
+            layout = (shape[0], *self.layout_shape)
+            self.layout_prior.build([layout, (shape[0], self.num_conditions)] if self.num_conditions else layout)
+            self.layout_embedding.build(layout)
+            self.layout_convs[0].build((*layout, self.channels))
+            self.layout_convs[1].build(features)
         for block in self.blocks:
             block.build(features)
         for qkv, out in zip(self.attention_qkv, self.attention_out):
@@ -574,19 +615,34 @@ class PixelCNNPrior(keras.Model):
         return one_hot_lookup(ops.cast(self.embedding.embeddings, self.compute_dtype), codes)
 
     def _split_inputs(self, inputs):
-        if self.num_conditions:
-            codes, condition = inputs
-            return codes, ops.convert_to_tensor(condition, "float32")
-        return inputs, None
+        """-> codes, condition (or None), layout (or None)."""
+        if not (self.num_conditions or self.layout_levels):
+            return inputs, None, None
+        codes, *rest = inputs
+        condition = ops.convert_to_tensor(rest.pop(0), "float32") if self.num_conditions else None
+        return codes, condition, (rest.pop(0) if self.layout_levels else None)
+
+    def layout_features(self, layout):
+        """(N, H/2, W/2) layout grid -> (N, H, W, C) features that every gate of the code prior sees: the cells'
+        embeddings through a 3x3 convolution, spread over their 2x2 codes, through another (the layout is given
+        whole, so no masks)."""
+        cells = self.layout_convs[0](one_hot_lookup(ops.cast(self.layout_embedding.embeddings, self.compute_dtype),
+                                                    layout))  # (N, H/2, W/2, C)
+        for axis in (1, 2):
+            cells = ops.repeat(cells, LAYOUT_POOL, axis=axis)
+        return self.layout_convs[1](cells)  # (N, H, W, C)
 
     def call(self, inputs):
-        codes, condition = self._split_inputs(inputs)
+        codes, condition, layout = self._split_inputs(inputs)
         if tuple(codes.shape[1:]) != self.grid_shape:
             raise ValueError(f"this prior models {self.grid_shape} code grids, got {tuple(codes.shape[1:])}")
         v = h = self.embed(codes)  # (N, H, W, C)
+        spatial = self.position[None]  # (1, H, W, C): where in the frame; plus, with two levels, the layout there
+        if self.layout_levels:
+            spatial = spatial + self.layout_features(layout)  # (N, H, W, C)
         skips = 0.0
         for block in self.blocks:
-            v, h, skip = block(v, h, self.position, condition)
+            v, h, skip = block(v, h, spatial, condition)
             skips = skips + skip
         features = ops.relu(skips)  # (N, H, W, C): at each position, a function of the codes before it
         if self.attention_layers:
@@ -600,17 +656,23 @@ class PixelCNNPrior(keras.Model):
                 weights = ops.softmax(ops.where(causal, ops.cast(scores, "float32"), -1e9), axis=-1)
                 features = features + out(ops.einsum("nqk,nkc->nqc", ops.cast(weights, value.dtype), value))
             features = ops.reshape(features, (n, height, width, self.channels))
-        return self.head_logits(ops.relu(self.head_hidden(features)))  # (N, H, W, K)
+        logits = self.head_logits(ops.relu(self.head_hidden(features)))  # (N, H, W, K)
+        if not self.layout_levels:
+            return logits
+        layout_logits = self.layout_prior([layout, condition] if self.num_conditions else layout)
+        return {"codes": logits, "layout": layout_logits}
 
     def receptive_rows(self) -> int:
         """How many rows above a position can influence its logits."""
         return self.num_layers * (self.kernel_size // 2) + 1
 
-    def sample(self, num_samples: int, draw, condition=None):
+    def sample(self, num_samples: int, draw, condition=None, layout=None):
         """Generates (num_samples, H, W) code grids.
 
         draw(logits (N, K), position (int scalar tensor, i * W + j)) -> (N,) int codes: the caller's sampling
-        rule (a categorical draw with temperature and seed, or argmax). Everything else is keras.ops.
+        rule (a categorical draw with temperature and seed, or argmax). Everything else is keras.ops. A two-level
+        prior first samples the layout (its positions numbered H * W onwards, so that they draw other numbers),
+        unless one is given: (num_samples, H/2, W/2) int layout grids, the codes are then drawn given it.
         """
         if self.compute_dtype != "float32":
             raise ValueError("sample() runs in float32; sample a float32 copy of a mixed-precision prior "
@@ -625,14 +687,19 @@ class PixelCNNPrior(keras.Model):
         # memory[a]: keys and values of attention layer a at every position sampled so far, (N, H * W, C) each
         memory = tuple((ops.zeros((n, height * width, self.channels)),) * 2 for _ in self.attention_qkv)
         codes = ops.zeros((n, height, width), "int32")
-        position_map = ops.convert_to_tensor(self.position)  # a tensor, not a variable: JAX slices only arrays
+        position_map = ops.convert_to_tensor(self.position)[None]  # a tensor, not a variable: JAX slices only arrays
+        if self.layout_levels:
+            if layout is None:
+                layout = self.layout_prior.sample(n, lambda logits, p: draw(logits, p + height * width), condition)
+            position_map = position_map + self.layout_features(layout)  # (N, H, W, C)
 
         def row_step(i, state):
             codes, vertical, memory = state
             # The row above is final: push it through the vertical stack, one row per block.
             above = ops.maximum(i - 1, 0)
             v_row = self.embed(ops.slice(codes, (0, above, 0), (n, 1, width)))  # (N, 1, W, C)
-            position_row = ops.slice(position_map, (above, 0, 0), (1, width, self.channels))  # (1, W, C)
+            position_row = ops.slice(position_map, (0, above, 0, 0),
+                                     (position_map.shape[0], 1, width, self.channels))  # (1 or N, 1, W, C)
             vertical = list(vertical)
             links = []
             for l, block in enumerate(self.blocks):
@@ -661,7 +728,9 @@ class PixelCNNPrior(keras.Model):
         def column_step(j, state):
             codes, horizontal, memory = state
             horizontal, memory = list(horizontal), list(memory)
-            position = ops.reshape(ops.slice(position_map, (i, j, 0), (1, 1, self.channels)), (1, -1))  # (1, C)
+            rows = position_map.shape[0]
+            position = ops.reshape(ops.slice(position_map, (0, i, j, 0), (rows, 1, 1, self.channels)),
+                                   (rows, -1))  # (1 or N, C)
             skips = 0.0
             for l, block in enumerate(self.blocks):
                 window = ops.slice(horizontal[l], (0, j, 0), (n, c + 1, self.channels))  # columns j-c .. j
@@ -697,12 +766,21 @@ class PixelCNNPrior(keras.Model):
     def get_config(self):
         return {**super().get_config(), "num_embeddings": self.num_embeddings, "grid_shape": self.grid_shape,
                 "channels": self.channels, "num_layers": self.num_layers, "kernel_size": self.kernel_size,
-                "num_conditions": self.num_conditions, "attention_layers": self.attention_layers}
+                "num_conditions": self.num_conditions, "attention_layers": self.attention_layers,
+                "layout_levels": self.layout_levels}
 
 
 def _dense(conv1x1, x):
     """A built 1x1 Conv2D applied to (N, C) vectors: the same weights as on a feature map."""
     return ops.matmul(x, conv1x1.kernel[0, 0]) + conv1x1.bias
+
+
+def layout_grid(images, downsample: int, levels: int):
+    """(N, S, S, 1) images in [0, 1] -> (N, S / (downsample * LAYOUT_POOL), ...) int32 layout grid: each cell's mean
+    intensity in `levels` equal bins (0 = black background). A two-level prior models it before the codes."""
+    cell = downsample * LAYOUT_POOL
+    means = ops.average_pool(ops.convert_to_tensor(images, "float32"), cell, strides=cell)[..., 0]
+    return ops.cast(ops.clip(ops.floor(means * levels), 0, levels - 1), "int32")
 
 
 def slice_position_features(positions, frequencies: int):
@@ -742,10 +820,17 @@ def new_prior(config, steps_per_epoch: int, dtype: str = "float32", jit_compile:
     keras.utils.set_random_seed(config.seed)
     prior = PixelCNNPrior(**config.prior_kwargs(), dtype=dtype)
     grids = (None, config.grid_size, config.grid_size)
-    prior.build([grids, (None, prior.num_conditions)] if prior.num_conditions else grids)
+    shapes = [grids] + [(None, prior.num_conditions)] * bool(prior.num_conditions)
+    shapes += [(None, *prior.layout_shape)] * bool(prior.layout_levels)
+    prior.build(shapes if len(shapes) > 1 else grids)
     schedule = cosine_schedule(config.prior_learning_rate, config.prior_epochs, steps_per_epoch)
-    prior.compile(optimizer=keras.optimizers.Adam(schedule),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit_compile)
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if prior.layout_levels:  # mean over codes + (layout cells / codes) * mean over cells = the codes' NLL per code
+        loss = dict(loss={"codes": cross_entropy, "layout": cross_entropy},
+                    loss_weights={"codes": 1.0, "layout": 1.0 / LAYOUT_POOL ** 2})
+    else:
+        loss = dict(loss=cross_entropy)
+    prior.compile(optimizer=keras.optimizers.Adam(schedule), **loss, jit_compile=jit_compile)
     return prior
 
 

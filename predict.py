@@ -144,7 +144,9 @@ def evaluate_reconstruction(out: Run, config: utils.Config, vqvae, split: Split,
     images = split.images
     recon, codes = utils.reconstruct(vqvae, images)
     candidates = {"vqvae": recon, **utils.floor_images(images, config.downsample)}
-    results = {name: utils.reconstruction_scores(images, output) for name, output in candidates.items()}
+    per_slice = {name: utils.ssim(images, output) for name, output in candidates.items()}
+    results = {name: utils.reconstruction_scores(images, output, per_slice[name])
+               for name, output in candidates.items()}
 
     print(f"reconstruction, {split.name} split of {data_dir}: {len(images)} slices at {config.image_size} px")
     print(f"{'':>14} {'SSIM mean':>10} {'median':>8} {'min':>8}  {'brain-crop SSIM':>15} {'PSNR dB':>8}")
@@ -152,9 +154,8 @@ def evaluate_reconstruction(out: Run, config: utils.Config, vqvae, split: Split,
         print(f"{name:>14} {r['ssim']['mean']:>10.4f} {r['ssim']['median']:>8.4f} {r['ssim']['min']:>8.4f}  "
               f"{r['ssim_brain_crop']['mean']:>15.4f} {r['psnr']['mean']:>8.2f}")
 
-    utils.plot_histogram(out.figure("ssim_hist"), {name: utils.ssim(images, output)
-                                                   for name, output in candidates.items()},
-                         "SSIM per slice", f"Reconstruction SSIM, {split.name} split ({len(images)} slices)")
+    utils.plot_histogram(out.figure("ssim_hist"), per_slice, "SSIM per slice",
+                         f"Reconstruction SSIM, {split.name} split ({len(images)} slices)")
     show = np.linspace(0, len(images) - 1, 8).astype(int)
     bilinear = utils.floor_name(config.downsample)
     utils.plot_image_rows(out.figure(f"recon_{split.name}"),
@@ -171,27 +172,30 @@ def evaluate_reconstruction(out: Run, config: utils.Config, vqvae, split: Split,
 
 
 def make_sampler(prior, temperature: float, seed: int):
-    """sample(n, positions=None, seed=seed, stream=0) -> (n, H, W) int32 code grids, positions (n,) being the
-    slices' depths for a conditioned prior. The whole autoregressive loop is one tf.function graph (traced once per
-    n, whatever the seed); each position draws from tfp Categorical(logits / temperature) with a stateless seed
-    derived from (seed, stream, position), so the same seed and stream give the same samples."""
+    """sample(n, positions=None, seed=seed, stream=0, layouts=None) -> (n, H, W) int32 code grids, positions (n,)
+    being the slices' depths for a conditioned prior, layouts (n, H/2, W/2) the layouts a two-level prior draws
+    its codes from (VQVAE.layout of real slices, say) instead of sampling them. The whole autoregressive loop is
+    one tf.function graph (traced once per n, whatever the seed); each position draws from tfp Categorical(logits /
+    temperature) with a stateless seed derived from (seed, stream, position), so the same seed and stream give the
+    same samples."""
 
     @tf.function
-    def compiled(n, condition, base_seed):
+    def compiled(n, condition, base_seed, layouts):
         def draw(logits, position):
             if temperature == 0:
                 return tf.argmax(logits, axis=-1, output_type=tf.int32)
             position_seed = tf.random.experimental.stateless_fold_in(base_seed, tf.cast(position, tf.int32))
             return tfp.distributions.Categorical(logits=logits / temperature).sample(seed=position_seed)
 
-        return prior.sample(n, draw, condition)
+        return prior.sample(n, draw, condition, layouts)
 
-    def sample(n: int, positions=None, seed: int = seed, stream: int = 0) -> np.ndarray:
+    def sample(n: int, positions=None, seed: int = seed, stream: int = 0, layouts=None) -> np.ndarray:
         base_seed = tf.constant([seed, stream], tf.int32)  # another stream: other samples from the same seed
+        layouts = None if layouts is None else tf.constant(np.asarray(layouts, "int32"))
         if not prior.num_conditions:
-            return compiled(n, None, base_seed).numpy()
+            return compiled(n, None, base_seed, layouts).numpy()
         features = modules.slice_position_features(np.asarray(positions, "float32"), prior.num_conditions // 2)
-        return compiled(n, tf.constant(np.asarray(features)), base_seed).numpy()
+        return compiled(n, tf.constant(np.asarray(features)), base_seed, layouts).numpy()
 
     return sample
 
@@ -213,8 +217,8 @@ def generate(run: Run, out: Run, config: utils.Config, vqvae, args: argparse.Nam
     sample = make_sampler(prior, args.temperature, seed)
     depths = Depths(run, seed) if conditioned else None
 
-    def generated(n: int, positions=None, stream: int = 0) -> np.ndarray:
-        return utils.batched(vqvae.decode, sample(n, positions, stream=stream))
+    def generated(n: int, positions=None, stream: int = 0, layouts=None) -> np.ndarray:
+        return utils.batched(vqvae.decode, sample(n, positions, stream=stream, layouts=layouts))
 
     # 1. The samples asked for
     n = args.num_samples
@@ -264,6 +268,14 @@ def generate(run: Run, out: Run, config: utils.Config, vqvae, args: argparse.Nam
         if conditioned and real.positions is not None:
             judged["samples_at_real_depths_vs_real"] = ([generated(n, real.positions[p], stream=2 * r + 2)
                                                          for r, p in enumerate(picks)], None)
+        if prior.layout_levels:  # which level falls short: codes drawn given the real slices' own layouts
+            given = []
+            for r, (p, images) in enumerate(zip(picks, real_images)):
+                layouts = utils.batched(lambda grids: vqvae.layout(grids, prior.layout_levels),
+                                        utils.batched(vqvae.encode, images))
+                given.append(generated(n, real.positions[p] if conditioned else None, stream=2 * draws + r + 1,
+                                       layouts=layouts))
+            judged["samples_given_real_layouts_vs_real"] = (given, None)
         section["c2st"] = realism(judged, test, seed, known)
         section["c2st_reference"] = reference
         section["nearest_train_ssim"] = copy_check(samples[0], real_images[0], config, data_dir, known_copy)
@@ -277,8 +289,10 @@ def generate(run: Run, out: Run, config: utils.Config, vqvae, args: argparse.Nam
     # 4. The prior's likelihood of the evaluated split
     split_conditions = (None if not conditioned else
                         np.asarray(modules.slice_position_features(split.positions, prior.num_conditions // 2)))
+    layouts = (utils.batched(lambda grids: vqvae.layout(grids, prior.layout_levels), split_codes)
+               if prior.layout_levels else None)
     section["prior_bits_per_code"] = {"split": split.name,
-                                      "value": utils.bits_per_code(prior, split_codes, split_conditions),
+                                      "value": utils.bits_per_code(prior, split_codes, split_conditions, layouts),
                                       "uniform": float(np.log2(config.num_embeddings))}
     print(f"prior NLL on the {split.name} split: {section['prior_bits_per_code']['value']:.3f} bits/code "
           f"(a uniform prior: {section['prior_bits_per_code']['uniform']:.1f})")
@@ -307,7 +321,8 @@ def realism(judged: dict, test: Split, seed: int, known: dict) -> dict:
     labels = {"real_vs_real": "real validation slices (the ideal)",
               "reconstructions_vs_real": "VQ-VAE reconstructions (a perfect prior's)",
               "samples_vs_real": "samples, depths drawn from training",
-              "samples_at_real_depths_vs_real": "samples at the validation depths"}
+              "samples_at_real_depths_vs_real": "samples at the validation depths",
+              "samples_given_real_layouts_vs_real": "samples given validation layouts, depths"}
     size = min(utils.C2ST_SIZE, test.images.shape[1])
     print(f"realism: can a small CNN tell these from real test slices? (classifier two-sample test, "
           f"{utils.C2ST_FOLDS}-fold, at {size} px; 0.5 = indistinguishable, 1.0 = always told apart)")

@@ -370,7 +370,11 @@ def train_prior(run: Run, config: Config, hardware: Hardware, retrain: bool = Fa
              if prior.attention_layers else f"receptive field {prior.receptive_rows()} rows of the {grid}")
     print(f"PixelCNN prior: {prior.count_params():,} parameters, {config.prior_layers} gated layers, "
           f"{reach}{conditioned}")
-    (train_inputs, train_codes), validation = (prior_inputs(prior, *cached[split]) for split in ("train", "validate"))
+    if prior.layout_levels:
+        print(f"two-level prior: a {prior.layout_shape[0]}x{prior.layout_shape[1]} layout of "
+              f"{prior.layout_levels} intensity levels first, then the codes given it")
+    (train_inputs, train_codes), validation = (prior_inputs(prior, *cached[split], vqvae)
+                                               for split in ("train", "validate"))
     prior.fit(train_inputs, train_codes, validation_data=validation, batch_size=config.prior_batch_size,
               initial_epoch=stage.epochs_done, epochs=config.prior_epochs, callbacks=callbacks,
               verbose=fit_verbosity())
@@ -407,13 +411,17 @@ def encoded_split(run: Run, vqvae, config: Config, split: str,
     return codes, positions
 
 
-def prior_inputs(prior, codes: np.ndarray, positions: np.ndarray | None) -> tuple:
+def prior_inputs(prior, codes: np.ndarray, positions: np.ndarray | None, vqvae) -> tuple:
     """(inputs, targets) of the prior for code grids: the grids, with their slice-position features if the prior
-    is conditioned on them."""
+    is conditioned on them and their layouts (decoded by `vqvae`) if it has two levels."""
     codes = codes.astype("int32")
-    if not prior.num_conditions:
-        return codes, codes
-    return [codes, np.asarray(modules.slice_position_features(positions, prior.num_conditions // 2))], codes
+    inputs = [codes]
+    if prior.num_conditions:
+        inputs.append(np.asarray(modules.slice_position_features(positions, prior.num_conditions // 2)))
+    if not prior.layout_levels:
+        return (inputs if len(inputs) > 1 else codes), codes
+    layouts = utils.batched(lambda grids: vqvae.layout(grids, prior.layout_levels), codes)
+    return inputs + [layouts], {"codes": codes, "layout": layouts}
 
 
 # ---------------------------------------------------------------------------------------------------------------

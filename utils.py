@@ -150,6 +150,9 @@ class Config:
     prior_position_frequencies: int = setting(8, "conditions the prior on the slice's depth (from names like "
                                                  "case_001_slice_12.nii.png) through sin/cos features of this many "
                                                  "frequencies; 0: an unconditional prior")
+    prior_layout_levels: int = setting(0, "0: one prior over the codes; L >= 2: a two-level prior that first samples "
+                                          "a coarse layout (each 2x2 codes' mean decoded intensity in L bins) with a "
+                                          "PixelCNN of its own, then the codes given it")
     # run folder
     runs_dir: str = setting("runs", "where run folders are made")
     name: str = setting("", "the run's folder name under --runs-dir; empty means a timestamp")
@@ -185,6 +188,12 @@ class Config:
             raise UserError(f"--prior-kernel-size must be odd and at least 3, got {self.prior_kernel_size}")
         if self.prior_attention_layers < 0:
             raise UserError(f"--prior-attention-layers must be 0 or more, got {self.prior_attention_layers}")
+        if self.prior_layout_levels < 0 or self.prior_layout_levels == 1:
+            raise UserError(f"--prior-layout-levels must be 0 (one level) or at least 2, got "
+                            f"{self.prior_layout_levels}")
+        if self.prior_layout_levels and self.grid_size % 2:
+            raise UserError(f"--prior-layout-levels needs an even code grid (a layout cell is 2x2 codes); the grid is "
+                            f"{self.grid_size}x{self.grid_size}: change --image-size or --downsample")
         if self.prior_position_frequencies < 0:
             raise UserError(f"--prior-position-frequencies must be 0 or more, got {self.prior_position_frequencies}")
         if not 0 <= self.background < 1:
@@ -204,7 +213,7 @@ class Config:
         return dict(num_embeddings=self.num_embeddings, grid_shape=(self.grid_size, self.grid_size),
                     channels=self.prior_channels, num_layers=self.prior_layers, kernel_size=self.prior_kernel_size,
                     num_conditions=2 * self.prior_position_frequencies,
-                    attention_layers=self.prior_attention_layers)
+                    attention_layers=self.prior_attention_layers, layout_levels=self.prior_layout_levels)
 
     @property
     def grid_size(self) -> int:
@@ -758,9 +767,11 @@ def floor_images(images: np.ndarray, downsample: int) -> dict:
     return {floor_name(downsample): bilinear_baseline(images, downsample), "all_black": np.zeros_like(images)}
 
 
-def reconstruction_scores(real: np.ndarray, fake: np.ndarray) -> dict:
-    """SSIM, SSIM on the brain's bounding box and PSNR of reconstructions, each as mean / median / min."""
-    return {"ssim": summarize(ssim(real, fake)), "ssim_brain_crop": summarize(ssim_brain_crop(real, fake)),
+def reconstruction_scores(real: np.ndarray, fake: np.ndarray, per_slice_ssim: np.ndarray | None = None) -> dict:
+    """SSIM, SSIM on the brain's bounding box and PSNR of reconstructions, each as mean / median / min
+    (per_slice_ssim: ssim(real, fake) when the caller has it already)."""
+    per_slice_ssim = ssim(real, fake) if per_slice_ssim is None else per_slice_ssim
+    return {"ssim": summarize(per_slice_ssim), "ssim_brain_crop": summarize(ssim_brain_crop(real, fake)),
             "psnr": summarize(psnr(real, fake))}
 
 
@@ -773,16 +784,25 @@ def codebook_usage(indices, num_embeddings: int) -> dict:
     return {"perplexity": float(np.exp(entropy)), "codes_used": int(np.sum(counts > 0))}
 
 
-def bits_per_code(prior, codes: np.ndarray, conditions: np.ndarray | None = None, batch_size: int = 64) -> float:
-    """Mean negative log-likelihood of code grids (given their conditions) under the prior, in bits per code."""
+def bits_per_code(prior, codes: np.ndarray, conditions: np.ndarray | None = None, layouts: np.ndarray | None = None,
+                  batch_size: int = 64) -> float:
+    """Mean negative log-likelihood of code grids (given their conditions) under the prior, in bits per code. A
+    two-level prior also needs the grids' layouts (VQVAE.layout): their NLL is counted too, as it is part of the
+    codes' (p(codes) = p(layout) p(codes | layout))."""
     total = 0.0
     for start in range(0, len(codes), batch_size):
         batch = np.asarray(codes[start:start + batch_size], "int32")
-        inputs = batch if conditions is None else [batch, conditions[start:start + batch_size]]
-        logits = np.asarray(prior(inputs), "float64")  # (B, H, W, K)
-        top = logits.max(-1, keepdims=True)
-        log_norm = top[..., 0] + np.log(np.exp(logits - top).sum(-1))
-        total += float(np.sum(log_norm - np.take_along_axis(logits, batch[..., None], -1)[..., 0]))
+        inputs = [batch] + ([] if conditions is None else [conditions[start:start + batch_size]])
+        targets = {"codes": batch}
+        if prior.layout_levels:
+            targets["layout"] = np.asarray(layouts[start:start + batch_size], "int32")
+            inputs.append(targets["layout"])
+        outputs = prior(inputs if len(inputs) > 1 else batch)
+        for name, target in targets.items():
+            logits = np.asarray(outputs[name] if prior.layout_levels else outputs, "float64")  # (B, h, w, classes)
+            top = logits.max(-1, keepdims=True)
+            log_norm = top[..., 0] + np.log(np.exp(logits - top).sum(-1))
+            total += float(np.sum(log_norm - np.take_along_axis(logits, target[..., None], -1)[..., 0]))
     return total / codes.size / np.log(2)
 
 

@@ -219,11 +219,18 @@ def test_resume_trains_the_prior_of_a_run_whose_vqvae_is_trained(tiny_run, tmp_p
     assert train.main(["--resume", str(run), "--stage", "prior", "--image-size", "64"]) == 2
     assert "drop --image-size" in capsys.readouterr().err
     assert train.main(["--resume", str(run), "--stage", "prior", "--prior-epochs", "1", "--prior-layers", "1",
-                       "--prior-attention-layers", "1"]) == 0
+                       "--prior-attention-layers", "1", "--prior-layout-levels", "4"]) == 0
+    assert "two-level prior: a 4x4 layout of 4 intensity levels" in capsys.readouterr().out
     assert Run.open(run).read_config().prior_layers == 1
     prior = Run.open(run).stage("prior").load_model()
-    assert prior.num_layers == 1 and prior.attention_layers == 1
-    assert predict.main(["--run", str(run), "--num-samples", "2", "--realism-samples", "0"]) == 0
+    assert prior.num_layers == 1 and prior.attention_layers == 1 and prior.layout_levels == 4
+    metrics = json.loads((run / "metrics.json").read_text())["prior"]
+    assert 0 < metrics["val_bits_per_code"] < 2 * np.log2(16)  # the codes' NLL, layout included
+    assert predict.main(["--run", str(run), "--num-samples", "2", "--realism-draws", "1"]) == 0
+    assert "samples given validation layouts, depths" in capsys.readouterr().out
+    samples = json.loads((run / "metrics.json").read_text())["samples"]
+    assert 0 < samples["prior_bits_per_code"]["value"] < 2 * np.log2(16)
+    assert 0 <= samples["c2st"]["samples_given_real_layouts_vs_real"]["accuracy"] <= 1  # the lower level, judged
 
 
 def test_predict_refuses_a_prior_of_another_codebook_size(tiny_run, tmp_path, capsys):

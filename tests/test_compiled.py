@@ -21,7 +21,7 @@ pytestmark = pytest.mark.any_backend
 
 CONFIG = dataclasses.replace(utils.Config(), image_size=32, hidden_channels=8, num_res_blocks=1, num_embeddings=16,
                              embedding_dim=4, prior_channels=8, prior_layers=2, prior_kernel_size=3,
-                             prior_attention_layers=1)  # the prior with everything it can have
+                             prior_attention_layers=1, prior_layout_levels=4)  # the prior with all it can have
 
 
 def lowered_train_step(model, x, y) -> str:
@@ -51,7 +51,8 @@ def test_no_scatter_in_the_compiled_vqvae_and_prior_training_steps(dtype):
     codes = np.random.default_rng(0).integers(0, CONFIG.num_embeddings, (4, 8, 8)).astype("int32")
     prior = modules.new_prior(CONFIG, steps_per_epoch=1, dtype=dtype)  # conditioned on depth, as by default
     depths = np.asarray(modules.slice_position_features(np.linspace(0, 1, 4), CONFIG.prior_position_frequencies))
-    text = lowered_train_step(prior, (codes, depths), codes)
+    layouts = np.asarray(vqvae.layout(codes, CONFIG.prior_layout_levels))  # (4, 4, 4): two levels
+    text = lowered_train_step(prior, (codes, depths, layouts), {"codes": codes, "layout": layouts})
     assert "dot" in text and "scatter" not in text.lower()
 
 
@@ -86,10 +87,14 @@ def test_a_tiny_fit_with_codebook_restarts_then_a_compiled_sample():
     codes = np.asarray(vqvae.encode(images)).astype("int32")  # (16, 8, 8)
     prior = modules.new_prior(CONFIG, steps_per_epoch=4)
     features = np.asarray(modules.slice_position_features(np.linspace(0, 1, 16), CONFIG.prior_position_frequencies))
-    prior.fit([codes, features], codes, batch_size=4, epochs=1, verbose=0)
+    layouts = np.asarray(vqvae.layout(codes, CONFIG.prior_layout_levels))
+    prior.fit([codes, features, layouts], {"codes": codes, "layout": layouts}, batch_size=4, epochs=1, verbose=0)
     argmax = lambda logits, position: keras.ops.argmax(logits, -1)  # noqa: E731
     greedy = np.asarray(compiled(lambda condition: prior.sample(3, argmax, condition))(features[:3]))
-    assert greedy.shape == (3, 8, 8)
-    # exact on this backend: a greedy sample is a fixed point of the full model's argmax
-    np.testing.assert_array_equal(np.asarray(keras.ops.argmax(prior([greedy, features[:3]]), axis=-1)), greedy)
+    layout = np.asarray(compiled(lambda condition: prior.layout_prior.sample(3, argmax, condition))(features[:3]))
+    assert greedy.shape == (3, 8, 8) and layout.shape == (3, 4, 4)
+    # exact on this backend: a greedy sample is a fixed point of the full model's argmax, at both levels
+    logits = prior([greedy, features[:3], layout])
+    np.testing.assert_array_equal(np.asarray(keras.ops.argmax(logits["codes"], axis=-1)), greedy)
+    np.testing.assert_array_equal(np.asarray(keras.ops.argmax(logits["layout"], axis=-1)), layout)
     assert np.asarray(vqvae.decode(greedy)).shape == (3, 32, 32, 1)

@@ -158,6 +158,24 @@ def test_decode_sets_the_background_to_exactly_zero_and_keeps_the_rest():
     np.testing.assert_array_equal(after[~faint], before[~faint])
 
 
+def test_layout_grid_bins_each_cells_mean_intensity_and_vqvae_layout_is_that_of_the_decoded_slice():
+    images = np.random.default_rng(0).random((2, 16, 16, 1)).astype("float32") ** 3
+    images[0, :8, :8] = 0.0  # a black cell: level 0
+    images[1, 8:, 8:] = 1.0  # a white one: the top level, not one past it
+    cell = 2 * modules.LAYOUT_POOL  # downsample 2: a cell is 4x4 px
+    means = images[..., 0].reshape(2, 4, cell, 4, cell).mean(axis=(2, 4))
+    layout = np.asarray(modules.layout_grid(images, downsample=2, levels=5))
+    np.testing.assert_array_equal(layout, np.minimum(np.floor(means * 5), 4))
+    assert layout[0, :2, :2].max() == 0 and layout[1, 2:, 2:].min() == 4 and layout.dtype == np.int32
+
+    keras.utils.set_random_seed(0)
+    vqvae = VQVAE(downsample=2, num_embeddings=8, embedding_dim=4, hidden_channels=8, num_res_blocks=1)
+    vqvae.build((None, 16, 16, 1))
+    codes = np.random.default_rng(1).integers(0, 8, (2, 8, 8))
+    np.testing.assert_array_equal(np.asarray(vqvae.layout(codes, 5)),
+                                  np.asarray(modules.layout_grid(vqvae.decode(codes), 2, 5)))
+
+
 @pytest.mark.parametrize("layer", [
     VectorQuantizer(8, 4, commitment_cost=0.5, name="q"),
     modules.Encoder(8, 16, 3, 5, name="enc"),

@@ -46,6 +46,22 @@ def test_bits_per_code_is_the_categorical_cross_entropy():
     assert utils.bits_per_code(prior, codes, batch_size=2) == pytest.approx(expected, rel=1e-4)
 
 
+def test_bits_per_code_of_a_two_level_prior_counts_the_layout_by_its_share_of_cells():
+    prior = make_prior(grid=(6, 8), layout=3)
+    rng = np.random.default_rng(0)
+    codes, layouts = rng.integers(0, K, (3, 6, 8)), rng.integers(0, 3, (3, 3, 4))
+    outputs = prior([codes, layouts])
+
+    def nats(logits, targets):  # summed cross-entropy
+        logits = np.asarray(logits, "float64")
+        log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        return -np.take_along_axis(log_probs, targets[..., None], -1).sum()
+
+    expected = (nats(outputs["codes"], codes) + nats(outputs["layout"], layouts)) / codes.size / np.log(2)
+    assert utils.bits_per_code(prior, codes, layouts=layouts, batch_size=2) == pytest.approx(expected, rel=1e-4)
+    assert expected > nats(outputs["codes"], codes) / codes.size / np.log(2)  # the layout's part is counted
+
+
 def test_nearest_ssim_matches_brute_force():
     rng = np.random.default_rng(0)
     pool = rng.random((12, 24, 24, 1)).astype("float32")

@@ -13,11 +13,13 @@ pytestmark = pytest.mark.any_backend
 K = 7
 
 
-def make_prior(layers=3, kernel_size=3, conditions=0, seed=0, grid=(6, 7), attention=0):
+def make_prior(layers=3, kernel_size=3, conditions=0, seed=0, grid=(6, 7), attention=0, layout=0):
     keras.utils.set_random_seed(seed)
     prior = PixelCNNPrior(num_embeddings=K, grid_shape=grid, channels=8, num_layers=layers,
-                          kernel_size=kernel_size, num_conditions=conditions, attention_layers=attention)
-    prior.build([(None, *grid), (None, conditions)] if conditions else (None, *grid))
+                          kernel_size=kernel_size, num_conditions=conditions, attention_layers=attention,
+                          layout_levels=layout)
+    shapes = [(None, *grid)] + [(None, conditions)] * bool(conditions) + [(None, *prior.layout_shape)] * bool(layout)
+    prior.build(shapes if len(shapes) > 1 else shapes[0])
     rng = np.random.default_rng(seed)  # weights far from initial so every path carries signal
     for weight in prior.weights:
         weight.assign(rng.normal(0, 0.4, weight.shape).astype("float32"))
@@ -116,6 +118,52 @@ def test_fast_sampler_computes_the_same_logits_as_the_full_model(kernel_size, co
         np.testing.assert_allclose(logits, full[:, position // 7, position % 7], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("conditions, attention", [(0, 0), (2, 1)])
+def test_two_level_sampler_draws_the_layout_then_the_codes_with_the_full_models_logits(conditions, attention):
+    prior = make_prior(layers=2, conditions=conditions, attention=attention, grid=(6, 8), layout=3)
+    condition = np.random.default_rng(2).normal(size=(2, conditions)).astype("float32") if conditions else None
+    seen, drawn = {}, {}
+
+    def draw(logits, position):
+        seen[int(position)] = np.asarray(logits)
+        drawn[int(position)] = np.asarray(keras.random.categorical(logits, 1, seed=int(position) + 3)[:, 0])
+        return drawn[int(position)]
+
+    with eager_loops():
+        codes = np.asarray(prior.sample(2, draw, condition))
+    assert sorted(seen) == list(range(48 + 12))  # the 3x4 layout is numbered after the 6x8 codes
+    layout = np.stack([drawn[48 + cell] for cell in range(12)], axis=1).reshape(2, 3, 4)
+    full = prior([codes, condition, layout] if conditions else [codes, layout])
+    assert full["layout"].shape == (2, 3, 4, 3)
+    for position, logits in seen.items():
+        expected = (full["codes"][:, position // 8, position % 8] if position < 48 else
+                    full["layout"][:, (position - 48) // 4, (position - 48) % 4])
+        np.testing.assert_allclose(logits, np.asarray(expected), rtol=1e-4, atol=1e-4)
+    seen.clear()
+    with eager_loops():  # a layout given: only the codes are drawn, with the same logits, so the same codes
+        again = np.asarray(prior.sample(2, draw, condition, layout=layout))
+    assert sorted(seen) == list(range(48))
+    np.testing.assert_array_equal(again, codes)
+
+
+def test_two_level_prior_sees_the_layout_below_a_code_and_the_layout_prior_is_causal():
+    prior = make_prior(layers=2, grid=(8, 8), layout=3)
+    rng = np.random.default_rng(1)
+    codes, layout = rng.integers(0, K, (1, 8, 8)), rng.integers(0, 3, (1, 4, 4))
+    base = prior([codes, layout])
+    other = layout.copy()
+    other[0, 2, 2] = (other[0, 2, 2] + 1) % 3  # covers codes (4..5, 4..5): after code (3, 3) in raster order
+    moved = prior([codes, other])
+    # the layout is given whole: code (3, 3) sees the cell below-right of it, which no code before it reaches
+    assert not np.allclose(np.asarray(moved["codes"])[0, 3, 3], np.asarray(base["codes"])[0, 3, 3])
+    order = np.arange(16).reshape(4, 4)
+    changed = np.abs(np.asarray(moved["layout"]) - np.asarray(base["layout"])).max(-1)[0] > 1e-5
+    assert not changed[order <= 2 * 4 + 2].any() and changed[2, 3]  # the layout prior is causal
+    codes_moved = codes.copy()
+    codes_moved[0, 0, 0] = (codes[0, 0, 0] + 1) % K  # codes never reach the layout's logits
+    np.testing.assert_array_equal(np.asarray(prior([codes_moved, layout])["layout"]), np.asarray(base["layout"]))
+
+
 def test_conditioning_changes_the_logits():
     prior = make_prior(conditions=2)
     codes = np.random.default_rng(0).integers(0, K, (1, 6, 7))
@@ -124,11 +172,13 @@ def test_conditioning_changes_the_logits():
     assert not np.allclose(a, b)
 
 
-def test_prior_keras_round_trip(tmp_path):
-    prior = make_prior(conditions=2, attention=1)
-    codes = np.random.default_rng(0).integers(0, K, (2, 6, 7))
-    condition = np.ones((2, 2), "float32")
+@pytest.mark.parametrize("layout", [0, 3])
+def test_prior_keras_round_trip(tmp_path, layout):
+    prior = make_prior(conditions=2, attention=1, layout=layout, grid=(6, 8))
+    codes = np.random.default_rng(0).integers(0, K, (2, 6, 8))
+    inputs = [codes, np.ones((2, 2), "float32")] + [np.ones((2, 3, 4), "int32")] * bool(layout)
     prior.save(tmp_path / "prior.keras")
     loaded = keras.saving.load_model(tmp_path / "prior.keras")
     assert loaded.get_config() == prior.get_config()
-    np.testing.assert_array_equal(np.asarray(loaded([codes, condition])), np.asarray(prior([codes, condition])))
+    for output, expected in zip(keras.tree.flatten(loaded(inputs)), keras.tree.flatten(prior(inputs))):
+        np.testing.assert_array_equal(np.asarray(output), np.asarray(expected))
