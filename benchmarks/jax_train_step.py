@@ -36,16 +36,16 @@ OASIS_TRAIN_SLICES = 9664
 
 def time_fit(model, x, y, steps: int, rounds: int) -> tuple[float, float]:
     """(seconds of the first step, compilation included; best seconds per step over `rounds` rounds)."""
-    batch = len(y)
+    batch = len(keras.tree.flatten(y)[0])
     start = time.perf_counter()
     model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
     first = time.perf_counter() - start
     best = float("inf")
     for _ in range(rounds):
         repeat = lambda a: np.concatenate([a] * steps)  # noqa: E731
-        xs = [repeat(a) for a in x] if isinstance(x, list) else repeat(x)
+        xs, ys = keras.tree.map_structure(repeat, x), keras.tree.map_structure(repeat, y)
         start = time.perf_counter()
-        model.fit(xs, repeat(y), batch_size=batch, epochs=1, verbose=0, shuffle=False)
+        model.fit(xs, ys, batch_size=batch, epochs=1, verbose=0, shuffle=False)
         best = min(best, (time.perf_counter() - start) / steps)
     return first, best
 
@@ -82,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     if config.prior_position_frequencies:
         condition = np.asarray(modules.slice_position_features(np.linspace(0, 1, args.prior_batch, dtype="float32"),
                                                                config.prior_position_frequencies))
-    inputs = codes if condition is None else [codes, condition]
     prior = modules.new_prior(config, steps_per_epoch=100, dtype=args.dtype, jit_compile=True)
-    first, step = time_fit(prior, inputs, codes, args.steps, args.rounds)
+    inputs, targets = [codes] + [condition] * (condition is not None), codes
+    if prior.layout_levels:  # a two-level prior: the layout grid is an input and a target too
+        layouts = rng.integers(0, prior.layout_levels, (args.prior_batch, *prior.layout_shape)).astype("int32")
+        inputs, targets = inputs + [layouts], {"codes": codes, "layout": layouts}
+    first, step = time_fit(prior, inputs if len(inputs) > 1 else codes, targets, args.steps, args.rounds)
     prior_rate = args.prior_batch / step
     print(f"prior ({prior.count_params():,} parameters, {grid}x{grid} grid, batch {args.prior_batch}): first step "
           f"{first:.1f} s, then {prior_rate:,.0f} grids/s -> {OASIS_TRAIN_SLICES / prior_rate:.1f} s per OASIS epoch")
@@ -115,9 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         assert grids.shape == (args.samples, grid, grid)
         # correctness on this backend: a greedy sample is a fixed point of the full model's argmax
-        greedy = np.asarray(jax.jit(lambda: sampler_prior.sample(
-            args.samples, lambda logits, position: keras.ops.argmax(logits, axis=-1), grid_condition))())
-        logits = sampler_prior(greedy if grid_condition is None else [greedy, grid_condition])
+        argmax = lambda logits, position: keras.ops.argmax(logits, axis=-1)  # noqa: E731
+        greedy = np.asarray(jax.jit(lambda: sampler_prior.sample(args.samples, argmax, grid_condition))())
+        given = [greedy] + [grid_condition] * (grid_condition is not None)
+        if prior.layout_levels:  # the greedy layout the sampler drew first, and the codes' logits given it
+            given.append(np.asarray(jax.jit(lambda: sampler_prior.layout_prior.sample(
+                args.samples, argmax, grid_condition))()))
+        logits = sampler_prior(given if len(given) > 1 else greedy)
+        logits = logits["codes"] if prior.layout_levels else logits
         agree = float(np.mean(np.asarray(keras.ops.argmax(logits, axis=-1)) == greedy))
         print(f"greedy sample vs the full model's argmax: {agree:.2%} of positions agree (must be 100%)")
         result["sampler_matches_full_model"] = agree == 1.0

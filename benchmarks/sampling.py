@@ -32,6 +32,14 @@ import predict  # noqa: E402
 import utils  # noqa: E402
 
 
+def model_inputs(prior, codes, condition=None):
+    """What the prior's call takes for these codes: with the condition, and for a two-level prior a fixed (blank)
+    layout (the naive loop times the code positions; each layout cell would cost the same)."""
+    inputs = [codes] + [condition] * bool(prior.num_conditions)
+    inputs += [np.zeros((len(codes), *prior.layout_shape), "int32")] * bool(prior.layout_levels)
+    return inputs if len(inputs) > 1 else codes
+
+
 def naive_loop(prior, batch: int, rows: int, seed: int, condition=None) -> tuple[np.ndarray, int]:
     """The Keras example's sampler: one model.predict over the whole grid per position. Returns the codes
     and how many positions were sampled."""
@@ -39,7 +47,8 @@ def naive_loop(prior, batch: int, rows: int, seed: int, condition=None) -> tuple
     codes = np.zeros((batch, height, width), "int32")
     for i in range(rows):
         for j in range(width):
-            logits = prior.predict(codes if condition is None else [codes, condition], verbose=0)[:, i, j]
+            logits = prior.predict(model_inputs(prior, codes, condition), verbose=0)
+            logits = (logits["codes"] if prior.layout_levels else logits)[:, i, j]
             codes[:, i, j] = tfp.distributions.Categorical(logits=logits).sample(seed=seed).numpy()
     return codes, rows * width
 
@@ -57,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         config = utils.Config(**utils.DEMO_PRESET)
         keras.utils.set_random_seed(0)
-        prior = modules.PixelCNNPrior(**config.prior_kwargs())
-        grid = (None, config.grid_size, config.grid_size)
-        prior.build([grid, (None, prior.num_conditions)] if prior.num_conditions else grid)
+        prior = modules.new_prior(config, steps_per_epoch=1)
         source = "demo preset shape, random weights"
     height, width = prior.grid_shape
     print(f"prior: {source}; grid {height}x{width}, batch {args.batch}, {prior.count_params():,} parameters")
@@ -81,11 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"project sampler: {sampler_s:.2f} s per batch (best of 3), first call with tracing {first_s:.2f} s")
 
     zeros = np.zeros((args.batch, height, width), "int32")
-    prior.predict(zeros if condition is None else [zeros, condition], verbose=0)  # build predict's function once
+    prior.predict(model_inputs(prior, zeros, condition), verbose=0)  # build predict's function once
     start = time.perf_counter()
     _, sampled = naive_loop(prior, args.batch, min(args.naive_rows, height), seed=0, condition=condition)
     timed = time.perf_counter() - start
-    naive_s = timed / sampled * height * width
+    positions_per_sample = height * width + (int(np.prod(prior.layout_shape)) if prior.layout_levels else 0)
+    naive_s = timed / sampled * positions_per_sample
     extrapolated = sampled < height * width
     print(f"naive model.predict loop: {timed:.1f} s for {sampled} positions -> {naive_s:.0f} s for the grid"
           f"{' (extrapolated)' if extrapolated else ''}")
