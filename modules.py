@@ -598,7 +598,7 @@ class PixelCNNPrior(keras.Model):
         features = (*shape, self.channels)
         if self.layout_levels:
             layout = (shape[0], *self.layout_shape)
-            self.layout_prior.build([layout, (shape[0], self.num_conditions)] if self.num_conditions else layout)
+            self.layout_prior.build(self.layout_prior.pack_inputs(layout, (shape[0], self.num_conditions)))
             self.layout_embedding.build(layout)
             self.layout_convs[0].build((*layout, self.channels))
             self.layout_convs[1].build(features)
@@ -613,6 +613,12 @@ class PixelCNNPrior(keras.Model):
     def embed(self, codes):
         """(...) int codes -> (..., C) code embeddings, by a one-hot matmul (its gradient has no scatter)."""
         return one_hot_lookup(ops.cast(self.embedding.embeddings, self.compute_dtype), codes)
+
+    def pack_inputs(self, codes, condition=None, layout=None):
+        """What call (and build, with shapes) takes: the codes alone, or a list [codes, condition, layout] of those
+        this prior uses. The inverse of _split_inputs."""
+        inputs = [codes] + [condition] * bool(self.num_conditions) + [layout] * bool(self.layout_levels)
+        return inputs if len(inputs) > 1 else codes
 
     def _split_inputs(self, inputs):
         """-> codes, condition (or None), layout (or None)."""
@@ -659,7 +665,7 @@ class PixelCNNPrior(keras.Model):
         logits = self.head_logits(ops.relu(self.head_hidden(features)))  # (N, H, W, K)
         if not self.layout_levels:
             return logits
-        layout_logits = self.layout_prior([layout, condition] if self.num_conditions else layout)
+        layout_logits = self.layout_prior(self.layout_prior.pack_inputs(layout, condition))
         return {"codes": logits, "layout": layout_logits}
 
     def receptive_rows(self) -> int:
@@ -819,10 +825,8 @@ def new_prior(config, steps_per_epoch: int, dtype: str = "float32", jit_compile:
     slice_position_features of their slices)."""
     keras.utils.set_random_seed(config.seed)
     prior = PixelCNNPrior(**config.prior_kwargs(), dtype=dtype)
-    grids = (None, config.grid_size, config.grid_size)
-    shapes = [grids] + [(None, prior.num_conditions)] * bool(prior.num_conditions)
-    shapes += [(None, *prior.layout_shape)] * bool(prior.layout_levels)
-    prior.build(shapes if len(shapes) > 1 else grids)
+    prior.build(prior.pack_inputs((None, config.grid_size, config.grid_size), (None, prior.num_conditions),
+                                  (None, *prior.layout_shape)))
     schedule = cosine_schedule(config.prior_learning_rate, config.prior_epochs, steps_per_epoch)
     cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     if prior.layout_levels:  # mean over codes + (layout cells / codes) * mean over cells = the codes' NLL per code

@@ -271,8 +271,7 @@ def generate(run: Run, out: Run, config: utils.Config, vqvae, args: argparse.Nam
         if prior.layout_levels:  # which level falls short: codes drawn given the real slices' own layouts
             given = []
             for r, (p, images) in enumerate(zip(picks, real_images)):
-                layouts = utils.batched(lambda grids: vqvae.layout(grids, prior.layout_levels),
-                                        utils.batched(vqvae.encode, images))
+                layouts = utils.code_layouts(vqvae, utils.batched(vqvae.encode, images), prior.layout_levels)
                 given.append(generated(n, real.positions[p] if conditioned else None, stream=2 * draws + r + 1,
                                        layouts=layouts))
             judged["samples_given_real_layouts_vs_real"] = (given, None)
@@ -289,8 +288,7 @@ def generate(run: Run, out: Run, config: utils.Config, vqvae, args: argparse.Nam
     # 4. The prior's likelihood of the evaluated split
     split_conditions = (None if not conditioned else
                         np.asarray(modules.slice_position_features(split.positions, prior.num_conditions // 2)))
-    layouts = (utils.batched(lambda grids: vqvae.layout(grids, prior.layout_levels), split_codes)
-               if prior.layout_levels else None)
+    layouts = utils.code_layouts(vqvae, split_codes, prior.layout_levels) if prior.layout_levels else None
     section["prior_bits_per_code"] = {"split": split.name,
                                       "value": utils.bits_per_code(prior, split_codes, split_conditions, layouts),
                                       "uniform": float(np.log2(config.num_embeddings))}

@@ -415,13 +415,12 @@ def prior_inputs(prior, codes: np.ndarray, positions: np.ndarray | None, vqvae) 
     """(inputs, targets) of the prior for code grids: the grids, with their slice-position features if the prior
     is conditioned on them and their layouts (decoded by `vqvae`) if it has two levels."""
     codes = codes.astype("int32")
-    inputs = [codes]
-    if prior.num_conditions:
-        inputs.append(np.asarray(modules.slice_position_features(positions, prior.num_conditions // 2)))
+    condition = (np.asarray(modules.slice_position_features(positions, prior.num_conditions // 2))
+                 if prior.num_conditions else None)
     if not prior.layout_levels:
-        return (inputs if len(inputs) > 1 else codes), codes
-    layouts = utils.batched(lambda grids: vqvae.layout(grids, prior.layout_levels), codes)
-    return inputs + [layouts], {"codes": codes, "layout": layouts}
+        return prior.pack_inputs(codes, condition), codes
+    layouts = utils.code_layouts(vqvae, codes, prior.layout_levels)
+    return prior.pack_inputs(codes, condition, layouts), {"codes": codes, "layout": layouts}
 
 
 # ---------------------------------------------------------------------------------------------------------------

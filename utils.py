@@ -683,6 +683,12 @@ def reconstruct(vqvae, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return batched(vqvae.decode, codes), codes
 
 
+def code_layouts(vqvae, codes: np.ndarray, levels: int) -> np.ndarray:
+    """(N, h, w) code grids -> (N, h/2, w/2) layout grids of their decoded slices (VQVAE.layout), in batches: what a
+    two-level prior models first."""
+    return batched(lambda grids: vqvae.layout(grids, levels), codes)
+
+
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
     """The SSIM window's 1D factor: the 2D Gaussian window is its outer product with itself."""
     coords = np.arange(size) - (size - 1) / 2
@@ -793,12 +799,11 @@ def bits_per_code(prior, codes: np.ndarray, conditions: np.ndarray | None = None
     total = 0.0
     for start in range(0, len(codes), batch_size):
         batch = np.asarray(codes[start:start + batch_size], "int32")
-        inputs = [batch] + ([] if conditions is None else [conditions[start:start + batch_size]])
         targets = {"codes": batch}
         if prior.layout_levels:
             targets["layout"] = np.asarray(layouts[start:start + batch_size], "int32")
-            inputs.append(targets["layout"])
-        outputs = prior(inputs if len(inputs) > 1 else batch)
+        outputs = prior(prior.pack_inputs(batch, None if conditions is None else conditions[start:start + batch_size],
+                                          targets.get("layout")))
         for name, target in targets.items():
             logits = np.asarray(outputs[name] if prior.layout_levels else outputs, "float64")  # (B, h, w, classes)
             top = logits.max(-1, keepdims=True)

@@ -83,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         condition = np.asarray(modules.slice_position_features(np.linspace(0, 1, args.prior_batch, dtype="float32"),
                                                                config.prior_position_frequencies))
     prior = modules.new_prior(config, steps_per_epoch=100, dtype=args.dtype, jit_compile=True)
-    inputs, targets = [codes] + [condition] * (condition is not None), codes
+    layouts, targets = None, codes
     if prior.layout_levels:  # a two-level prior: the layout grid is an input and a target too
         layouts = rng.integers(0, prior.layout_levels, (args.prior_batch, *prior.layout_shape)).astype("int32")
-        inputs, targets = inputs + [layouts], {"codes": codes, "layout": layouts}
-    first, step = time_fit(prior, inputs if len(inputs) > 1 else codes, targets, args.steps, args.rounds)
+        targets = {"codes": codes, "layout": layouts}
+    first, step = time_fit(prior, prior.pack_inputs(codes, condition, layouts), targets, args.steps, args.rounds)
     prior_rate = args.prior_batch / step
     print(f"prior ({prior.count_params():,} parameters, {grid}x{grid} grid, batch {args.prior_batch}): first step "
           f"{first:.1f} s, then {prior_rate:,.0f} grids/s -> {OASIS_TRAIN_SLICES / prior_rate:.1f} s per OASIS epoch")
@@ -120,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         # correctness on this backend: a greedy sample is a fixed point of the full model's argmax
         argmax = lambda logits, position: keras.ops.argmax(logits, axis=-1)  # noqa: E731
         greedy = np.asarray(jax.jit(lambda: sampler_prior.sample(args.samples, argmax, grid_condition))())
-        given = [greedy] + [grid_condition] * (grid_condition is not None)
+        greedy_layout = None
         if prior.layout_levels:  # the greedy layout the sampler drew first, and the codes' logits given it
-            given.append(np.asarray(jax.jit(lambda: sampler_prior.layout_prior.sample(
-                args.samples, argmax, grid_condition))()))
-        logits = sampler_prior(given if len(given) > 1 else greedy)
+            greedy_layout = np.asarray(jax.jit(lambda: sampler_prior.layout_prior.sample(
+                args.samples, argmax, grid_condition))())
+        logits = sampler_prior(sampler_prior.pack_inputs(greedy, grid_condition, greedy_layout))
         logits = logits["codes"] if prior.layout_levels else logits
         agree = float(np.mean(np.asarray(keras.ops.argmax(logits, axis=-1)) == greedy))
         print(f"greedy sample vs the full model's argmax: {agree:.2%} of positions agree (must be 100%)")

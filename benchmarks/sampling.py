@@ -35,9 +35,7 @@ import utils  # noqa: E402
 def model_inputs(prior, codes, condition=None):
     """What the prior's call takes for these codes: with the condition, and for a two-level prior a fixed (blank)
     layout (the naive loop times the code positions; each layout cell would cost the same)."""
-    inputs = [codes] + [condition] * bool(prior.num_conditions)
-    inputs += [np.zeros((len(codes), *prior.layout_shape), "int32")] * bool(prior.layout_levels)
-    return inputs if len(inputs) > 1 else codes
+    return prior.pack_inputs(codes, condition, np.zeros((len(codes), *prior.layout_shape), "int32"))
 
 
 def naive_loop(prior, batch: int, rows: int, seed: int, condition=None) -> tuple[np.ndarray, int]:

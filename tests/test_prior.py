@@ -18,8 +18,7 @@ def make_prior(layers=3, kernel_size=3, conditions=0, seed=0, grid=(6, 7), atten
     prior = PixelCNNPrior(num_embeddings=K, grid_shape=grid, channels=8, num_layers=layers,
                           kernel_size=kernel_size, num_conditions=conditions, attention_layers=attention,
                           layout_levels=layout)
-    shapes = [(None, *grid)] + [(None, conditions)] * bool(conditions) + [(None, *prior.layout_shape)] * bool(layout)
-    prior.build(shapes if len(shapes) > 1 else shapes[0])
+    prior.build(prior.pack_inputs((None, *grid), (None, conditions), (None, *prior.layout_shape)))
     rng = np.random.default_rng(seed)  # weights far from initial so every path carries signal
     for weight in prior.weights:
         weight.assign(rng.normal(0, 0.4, weight.shape).astype("float32"))
@@ -182,3 +181,13 @@ def test_prior_keras_round_trip(tmp_path, layout):
     assert loaded.get_config() == prior.get_config()
     for output, expected in zip(keras.tree.flatten(loaded(inputs)), keras.tree.flatten(prior(inputs))):
         np.testing.assert_array_equal(np.asarray(output), np.asarray(expected))
+
+
+@pytest.mark.parametrize("conditions, layout", [(0, 0), (2, 0), (0, 3), (2, 3)])
+def test_pack_inputs_is_the_inverse_of_split_inputs(conditions, layout):
+    prior = make_prior(layers=1, conditions=conditions, layout=layout, grid=(6, 8))
+    codes, condition, grid = np.zeros((1, 6, 8), "int32"), np.ones((1, 2), "float32"), np.ones((1, 3, 4), "int32")
+    packed = prior.pack_inputs(codes, condition, grid)
+    assert (packed is codes) == (not conditions and not layout)  # the codes alone when nothing else is used
+    split = prior._split_inputs(packed)
+    assert split[0] is codes and (split[1] is not None) == bool(conditions) and (split[2] is grid) == bool(layout)
