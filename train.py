@@ -375,7 +375,9 @@ def train_prior(run: Run, config: Config, hardware: Hardware, retrain: bool = Fa
               f"{prior.layout_levels} intensity levels first, then the codes given it")
     (train_inputs, train_codes), validation = (prior_inputs(prior, *cached[split], vqvae)
                                                for split in ("train", "validate"))
-    prior.fit(train_inputs, train_codes, validation_data=validation, batch_size=config.prior_batch_size,
+    batches = dataset.array_dataset(train_inputs, train_codes, config.prior_batch_size, shuffle=True,
+                                    seed=config.seed)
+    prior.fit(batches, validation_data=dataset.array_dataset(*validation, config.prior_batch_size),
               initial_epoch=stage.epochs_done, epochs=config.prior_epochs, callbacks=callbacks,
               verbose=fit_verbosity())
 

@@ -33,3 +33,11 @@ def test_the_jax_benchmark_trains_and_samples_the_conditioned_prior_exactly():
 def test_the_sampling_benchmark_times_both_samplers():
     figures = benchmark("sampling", "--batch", "2", "--naive-rows", "1")
     assert figures["grid"] == [32, 32] and figures["sampler_s"] > 0 and figures["naive_positions_timed"] == 32
+
+
+@pytest.mark.slow
+def test_the_prior_step_benchmark_times_one_and_two_levels():
+    figures = benchmark("prior_step", "--levels", "4", "0", "--dtypes", "float32", "--batch", "2", "--steps", "1",
+                        "--rounds", "1")
+    assert list(figures["ms_per_step"]) == ["4 levels, float32", "0 levels, float32"]
+    assert all(ms > 0 for ms in figures["ms_per_step"].values()) and figures["grid"] == [32, 32]

@@ -48,6 +48,35 @@ def test_pipeline_batches_pairs_and_caches_every_file(png_tree):
         assert x.shape[1:] == (16, 16, 1)
         np.testing.assert_array_equal(x.numpy(), y.numpy())
 
+    assert ds.options().autotune.enabled is False  # its new iterator per epoch stalled (dataset._untuned)
+
+
+def test_array_pipeline_keeps_input_lists_and_target_dicts_and_deals_each_row_once_per_epoch():
+    codes = np.arange(5 * 2 * 2).reshape(5, 2, 2)
+    condition = np.arange(5 * 3, dtype="float32").reshape(5, 3)
+    layout = np.arange(5)[:, None, None] * np.ones((1, 1, 1), int)
+    ds = dataset.array_dataset([codes, condition, layout], {"codes": codes, "layout": layout}, batch_size=2,
+                               shuffle=True, seed=3)
+    assert ds.options().autotune.enabled is False
+    epochs = [list(ds) for _ in range(2)]
+    orders = []
+    for batches in epochs:
+        assert [len(targets["codes"]) for _, targets in batches] == [2, 2, 1]
+        order = []
+        for (x_codes, x_condition, x_layout), targets in batches:  # one tuple of three inputs, not a stacked tensor
+            rows = x_codes.numpy()[:, 0, 0] // 4
+            np.testing.assert_array_equal(x_condition.numpy(), condition[rows])
+            np.testing.assert_array_equal(x_layout.numpy(), layout[rows])
+            np.testing.assert_array_equal(targets["codes"].numpy(), codes[rows])
+            order += list(rows)
+        assert sorted(order) == list(range(5))
+        orders.append(order)
+    assert orders[0] != orders[1]  # reshuffled each epoch
+    same_seed = dataset.array_dataset([codes, condition, layout], {"codes": codes, "layout": layout}, batch_size=2,
+                                      shuffle=True, seed=3)
+    assert [r for (x, _, _), _ in same_seed for r in x.numpy()[:, 0, 0] // 4] == orders[0]  # seeded
+    in_order = dataset.array_dataset(codes, codes, batch_size=2)
+    assert [r for x, _ in in_order for r in x.numpy()[:, 0, 0] // 4] == list(range(5))
 
 def test_eight_bit_scaled_by_255_rgb_to_gray_sixteen_bit_by_own_range_sizes_resized(tmp_path):
     gray = np.full((32, 32), 51, np.uint8)
