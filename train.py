@@ -290,7 +290,7 @@ def train_vqvae(run: Run, config: Config, hardware: Hardware, data: dict | None,
          "VQ-VAE reconstruction SSIM", floors),
         (run.figure("losses"), {"loss": "train total (MSE + VQ)", "mse": "train MSE", "val_mse": "validation MSE"},
          "loss", "VQ-VAE losses", None)])
-    callbacks = [StopOnNonFiniteLoss(stage, "--learning-rate", config.learning_rate),
+    callbacks = [StopOnDivergence(stage, "--learning-rate", config.learning_rate),
                  RestartUnusedCodes(data["train_sample"], config.seed),
                  EpochReport(data["val_images"], data["train_sample"], config.num_embeddings), curves,
                  Checkpoint(stage)]
@@ -362,8 +362,10 @@ def train_prior(run: Run, config: Config, hardware: Hardware, retrain: bool = Fa
     curves = CurveWriter(stage, [(run.figure("prior_loss"), {"bits_per_code": "train",
                                                              "val_bits_per_code": "validation"},
                                   "NLL (bits per code)", "PixelCNN prior", None)])
-    callbacks = [StopOnNonFiniteLoss(stage, "--prior-learning-rate", config.prior_learning_rate), BitsPerCode(),
-                 curves, Checkpoint(stage)]
+    # a uniform prior's loss is ln K nats per code; ten times that is no prior's, trained or not
+    diverged = StopOnDivergence(stage, "--prior-learning-rate", config.prior_learning_rate,
+                                ceiling=10 * np.log(config.num_embeddings))
+    callbacks = [diverged, BitsPerCode(), curves, Checkpoint(stage)]
     conditioned = ", conditioned on the slice position" if prior.num_conditions else ""
     grid = f"{config.grid_size}x{config.grid_size} grid"
     reach = (f"{prior.attention_layers} attention layer(s): each code sees every code before it in the {grid}"
@@ -379,7 +381,7 @@ def train_prior(run: Run, config: Config, hardware: Hardware, retrain: bool = Fa
                                     seed=config.seed)
     prior.fit(batches, validation_data=dataset.array_dataset(*validation, config.prior_batch_size),
               initial_epoch=stage.epochs_done, epochs=config.prior_epochs, callbacks=callbacks,
-              verbose=fit_verbosity())
+              verbose=fit_verbosity(), shuffle=False)  # the dataset shuffles itself
 
     history = curves.history
     metrics = {"epochs": config.prior_epochs, "train_seconds": round(history["seconds"][-1], 1),
@@ -498,12 +500,14 @@ class RestartUnusedCodes(keras.callbacks.Callback):
             print(f"restarted {moved} unused codes from encoder outputs")
 
 
-class StopOnNonFiniteLoss(keras.callbacks.Callback):
-    """Stops training at the first NaN or infinite batch loss, before anything of that epoch is saved."""
+class StopOnDivergence(keras.callbacks.Callback):
+    """Stops training at the first batch whose loss (the epoch's running mean) is NaN, infinite or above
+    `ceiling`, a loss that no model of the stage reaches, trained or not, before anything of that epoch is saved.
+    (A learning rate of 1e30 made the prior's loss NaN with one order of batches and 4e29, finite, with another.)"""
 
-    def __init__(self, stage: utils.Stage, flag: str, learning_rate: float):
+    def __init__(self, stage: utils.Stage, flag: str, learning_rate: float, ceiling: float = np.inf):
         super().__init__()
-        self.stage, self.flag, self.learning_rate = stage, flag, learning_rate
+        self.stage, self.flag, self.learning_rate, self.ceiling = stage, flag, learning_rate, ceiling
         self.epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -511,7 +515,7 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         loss = float(logs["loss"])
-        if not np.isfinite(loss):
+        if not loss <= self.ceiling:  # NaN fails every comparison
             label = STAGE_LABELS[self.stage.name]
             if self.epoch:
                 kept = f"its checkpoint of epoch {self.epoch} in {self.stage.run.path} is kept"
@@ -519,12 +523,12 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
                 kept = f"before any {label} epoch finished"
             if self.stage.name == "prior":
                 kept += "; the trained VQ-VAE is kept"
-            raise Diverged(f"the {label} loss became {loss} in epoch {self.epoch + 1}, {kept}. "
+            raise Diverged(f"the {label} loss became {loss:.3g} in epoch {self.epoch + 1}, {kept}. "
                            f"Lower {self.flag} (it was {self.learning_rate:g}) and train again")
 
 
 class Diverged(UserError):
-    """Training produced a NaN or infinite loss."""
+    """Training produced a NaN, infinite or impossibly large loss."""
 
 
 class CurveWriter(keras.callbacks.Callback):

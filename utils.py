@@ -238,7 +238,7 @@ DEMO_PRESET = dict(
     prior_epochs=16,  # one level: samples told from real 59% of the time (3 draws); 10 epochs at 2e-3 after a
     # 16-epoch VQ-VAE: 65% in 40% less time; 8 epochs: 83% (one draw). README, Generation
     prior_learning_rate=1e-3,
-    prior_layout_levels=8,  # two levels: 56% and test NLL 2.74 bits/code (one level: 59%, 2.89), as fast to train
+    prior_layout_levels=8,  # two levels: 56% and test NLL 2.74 bits/code (one level: 59%, 2.89); steps 1.4x dearer
 )
 
 
