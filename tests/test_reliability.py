@@ -107,7 +107,8 @@ def test_divergence_is_a_loss_that_is_nan_infinite_or_over_the_ceiling(tmp_path)
     watch = train.StopOnDivergence(stage, "--prior-learning-rate", 1e-3, ceiling=10 * np.log(16))
     watch.on_train_batch_end(0, {"loss": 3.0})  # a prior that learns: no stop
     for loss in (np.nan, np.inf, 28.0, 4e29):
-        with pytest.raises(train.Diverged, match=re.escape(f"the prior loss became {loss:.3g} in epoch 1, before any prior")):
+        message = f"the prior loss became {loss:.3g} in epoch 1, before any prior epoch finished"
+        with pytest.raises(train.Diverged, match=re.escape(message)):
             watch.on_train_batch_end(0, {"loss": loss})
     unbounded = train.StopOnDivergence(Run(tmp_path / "run").stage("vqvae"), "--learning-rate", 1e-3)
     unbounded.on_train_batch_end(0, {"loss": 1e6})  # the VQ-VAE has no ceiling
