@@ -182,30 +182,33 @@ def make_dataset(files: list[str], image_size: int, batch_size: int, shuffle: bo
             pass
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.DataLossError) as error:
         _raise_bad_file(files, image_size, error)
-    if shuffle:
-        dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    return _untuned(dataset.batch(batch_size).map(lambda x: (x, x)).prefetch(1))
+    return _from_memory(_batches(dataset, batch_size, shuffle, seed).map(lambda x: (x, x)))
 
 
 def array_dataset(inputs, targets, batch_size: int, shuffle: bool = False, seed: int = 0):
     """Arrays in memory (the prior's code grids, their conditions and layouts) -> (inputs, targets) batches, with
-    the same untuned pipeline as make_dataset. inputs: one array or a list of arrays; targets: an array or a dict."""
+    the same in-memory pipeline as make_dataset. inputs: one array or a list of arrays; targets: an array or a dict."""
     import tensorflow as tf
 
     inputs = tuple(inputs) if isinstance(inputs, list) else inputs  # tf.data would stack a list into one tensor
-    dataset = tf.data.Dataset.from_tensor_slices((inputs, targets))
+    return _from_memory(_batches(tf.data.Dataset.from_tensor_slices((inputs, targets)), batch_size, shuffle, seed))
+
+
+def _batches(dataset, batch_size: int, shuffle: bool, seed: int):
+    """Batches of a dataset held in memory, reshuffled in full each epoch when shuffle is on."""
     if shuffle:
         dataset = dataset.shuffle(int(dataset.cardinality()), seed=seed, reshuffle_each_iteration=True)
-    return _untuned(dataset.batch(batch_size).prefetch(1))
+    return dataset.batch(batch_size)
 
 
-def _untuned(dataset):
-    """The dataset with tf.data's autotuner off. With it on, the new iterator that Keras makes for each epoch often
-    waited, with the CPU idle, until a back-off timer of the previous one ran out: 8 to 9 s before the first batch
-    of a demo VQ-VAE epoch whose 48 steps take 12 s (benchmarks/input_pipeline.py --epochs). These pipelines read
-    from memory, so there is nothing to tune."""
+def _from_memory(dataset):
+    """One batch prefetched, and tf.data's autotuner off. With it on, the new iterator that Keras makes for each
+    epoch often waited, with the CPU idle, until a back-off timer of the previous one ran out: 8 to 9 s before the
+    first batch of a demo VQ-VAE epoch whose 48 steps take 12 s (benchmarks/input_pipeline.py --epochs). These
+    pipelines read from memory, so there is nothing to tune."""
     import tensorflow as tf
 
+    dataset = dataset.prefetch(1)
     options = tf.data.Options()
     options.autotune.enabled = False
     return dataset.with_options(options)

@@ -48,7 +48,7 @@ def test_pipeline_batches_pairs_and_caches_every_file(png_tree):
         assert x.shape[1:] == (16, 16, 1)
         np.testing.assert_array_equal(x.numpy(), y.numpy())
 
-    assert ds.options().autotune.enabled is False  # its new iterator per epoch stalled (dataset._untuned)
+    assert ds.options().autotune.enabled is False  # its new iterator per epoch stalled (dataset._from_memory)
 
 
 def test_array_pipeline_keeps_input_lists_and_target_dicts_and_deals_each_row_once_per_epoch():
