@@ -620,6 +620,11 @@ class PixelCNNPrior(keras.Model):
         inputs = [codes] + [condition] * bool(self.num_conditions) + [layout] * bool(self.layout_levels)
         return inputs if len(inputs) > 1 else codes
 
+    def pack_targets(self, codes, layout=None):
+        """What fit and the loss take as targets for those inputs: the codes, or {"codes", "layout"} with two levels
+        (the keys of call's outputs)."""
+        return {"codes": codes, "layout": layout} if self.layout_levels else codes
+
     def _split_inputs(self, inputs):
         """-> codes, condition (or None), layout (or None)."""
         if not (self.num_conditions or self.layout_levels):

@@ -421,10 +421,8 @@ def prior_inputs(prior, codes: np.ndarray, positions: np.ndarray | None, vqvae) 
     codes = codes.astype("int32")
     condition = (np.asarray(modules.slice_position_features(positions, prior.num_conditions // 2))
                  if prior.num_conditions else None)
-    if not prior.layout_levels:
-        return prior.pack_inputs(codes, condition), codes
-    layouts = utils.code_layouts(vqvae, codes, prior.layout_levels)
-    return prior.pack_inputs(codes, condition, layouts), {"codes": codes, "layout": layouts}
+    layouts = utils.code_layouts(vqvae, codes, prior.layout_levels) if prior.layout_levels else None
+    return prior.pack_inputs(codes, condition, layouts), prior.pack_targets(codes, layouts)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -83,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         condition = np.asarray(modules.slice_position_features(np.linspace(0, 1, args.prior_batch, dtype="float32"),
                                                                config.prior_position_frequencies))
     prior = modules.new_prior(config, steps_per_epoch=100, dtype=args.dtype, jit_compile=True)
-    layouts, targets = None, codes
-    if prior.layout_levels:  # a two-level prior: the layout grid is an input and a target too
+    layouts = None  # a two-level prior: the layout grid is an input and a target too
+    if prior.layout_levels:
         layouts = rng.integers(0, prior.layout_levels, (args.prior_batch, *prior.layout_shape)).astype("int32")
-        targets = {"codes": codes, "layout": layouts}
-    first, step = time_fit(prior, prior.pack_inputs(codes, condition, layouts), targets, args.steps, args.rounds)
+    first, step = time_fit(prior, prior.pack_inputs(codes, condition, layouts), prior.pack_targets(codes, layouts),
+                           args.steps, args.rounds)
     prior_rate = args.prior_batch / step
     print(f"prior ({prior.count_params():,} parameters, {grid}x{grid} grid, batch {args.prior_batch}): first step "
           f"{first:.1f} s, then {prior_rate:,.0f} grids/s -> {OASIS_TRAIN_SLICES / prior_rate:.1f} s per OASIS epoch")

@@ -38,10 +38,9 @@ def random_batch(prior, batch: int, seed: int = 0) -> tuple:
     rng = np.random.default_rng(seed)
     codes = rng.integers(0, prior.num_embeddings, (batch, *prior.grid_shape)).astype("int32")
     condition = rng.normal(size=(batch, prior.num_conditions)).astype("float32")
-    if not prior.layout_levels:
-        return prior.pack_inputs(codes, condition), codes
-    layout = rng.integers(0, prior.layout_levels, (batch, *prior.layout_shape)).astype("int32")
-    return prior.pack_inputs(codes, condition, layout), {"codes": codes, "layout": layout}
+    layout = (rng.integers(0, prior.layout_levels, (batch, *prior.layout_shape)).astype("int32")
+              if prior.layout_levels else None)
+    return prior.pack_inputs(codes, condition, layout), prior.pack_targets(codes, layout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -191,3 +191,14 @@ def test_pack_inputs_is_the_inverse_of_split_inputs(conditions, layout):
     assert (packed is codes) == (not conditions and not layout)  # the codes alone when nothing else is used
     split = prior._split_inputs(packed)
     assert split[0] is codes and (split[1] is not None) == bool(conditions) and (split[2] is grid) == bool(layout)
+
+
+@pytest.mark.parametrize("layout", [0, 3])
+def test_pack_targets_has_the_structure_of_the_outputs(layout):
+    prior = make_prior(layers=1, layout=layout, grid=(6, 8))
+    codes, grid = np.zeros((1, 6, 8), "int32"), np.ones((1, 3, 4), "int32")
+    outputs = prior(prior.pack_inputs(codes, None, grid))
+    targets = prior.pack_targets(codes, grid)
+    keras.tree.assert_same_structure(targets, outputs)
+    for target, output in zip(keras.tree.flatten(targets), keras.tree.flatten(outputs)):
+        assert output.shape == (*target.shape, (K, 3)[target is grid])
