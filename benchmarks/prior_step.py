@@ -1,13 +1,15 @@
 """The prior's training step, where train.py --demo spends most of its time: milliseconds per step of the demo
-preset's prior (or the OASIS preset's) with one level or two, in float32 or mixed bfloat16, interleaved in rounds
-so that load from other processes hits all variants alike; the best round counts. Inputs are random code grids,
+preset's prior (or the OASIS preset's) with one level or two, in float32 or mixed bfloat16, at the preset's width
+and depth or others, interleaved in rounds so that load from other processes hits all variants alike; the best
+round counts. Inputs are random code grids,
 conditions and layouts of the preset's shapes (the step's cost does not depend on their values).
 
     python benchmarks/prior_step.py                                  # demo preset: 1 and 2 levels x float32, bf16
     python benchmarks/prior_step.py --levels 8 --dtypes float32      # one variant
+    python benchmarks/prior_step.py --levels 8 --dtypes float32 --sizes 32x6 48x10   # this preset and the last
     KERAS_BACKEND=jax python benchmarks/prior_step.py --oasis --batch 32
 
-Ratios are to the first variant (the preset's levels, float32). The last line is JSON.
+Ratios are to the first variant (the first size, the preset's levels, float32). The last line is JSON.
 """
 
 from __future__ import annotations
@@ -43,6 +45,17 @@ def random_batch(prior, batch: int, seed: int = 0) -> tuple:
     return prior.pack_inputs(codes, condition, layout), prior.pack_targets(codes, layout)
 
 
+def parse_size(size: str, parser: argparse.ArgumentParser) -> tuple[int, int]:
+    """'32x6' -> (32 channels, 6 gated layers)."""
+    try:
+        channels, layers = (int(part) for part in size.lower().split("x"))
+    except ValueError:
+        parser.error(f"--sizes takes CHANNELSxLAYERS such as 32x6, got {size!r}")
+    if channels <= 0 or layers <= 0:
+        parser.error(f"--sizes takes positive channels and layers, got {size!r}")
+    return channels, layers
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--oasis", action="store_true", help="the OASIS preset's prior instead of the demo's")
@@ -50,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                                                               "then 0 if it has two levels)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "mixed_bfloat16"],
                         choices=("float32", "mixed_bfloat16", "mixed_float16"))
+    parser.add_argument("--sizes", nargs="+", metavar="CxL", help="prior widths x depths (gated layers) to time, "
+                                                                   "e.g. 32x6 48x10 (default: the preset's)")
     parser.add_argument("--batch", type=int, help="grids per step (default: the preset's)")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds, the best counts (default 3)")
@@ -57,15 +72,21 @@ def main(argv: list[str] | None = None) -> int:
     config = utils.Config() if args.oasis else utils.Config(**utils.DEMO_PRESET)
     batch = args.batch or config.prior_batch_size
     levels = args.levels or [config.prior_layout_levels] + [0] * bool(config.prior_layout_levels)
+    sizes = [parse_size(size, parser) for size in args.sizes] if args.sizes else [(config.prior_channels,
+                                                                                   config.prior_layers)]
     variants = {}
-    for level in levels:
-        for dtype in args.dtypes:
-            prior = modules.new_prior(dataclasses.replace(config, prior_layout_levels=level), 1, dtype=dtype)
-            inputs, targets = random_batch(prior, batch)
-            start = time.perf_counter()
-            prior.train_on_batch(inputs, targets)  # traces the step
-            print(f"{level} levels, {dtype}: first step (tracing) {time.perf_counter() - start:.1f} s", flush=True)
-            variants[f"{level} levels, {dtype}"] = (prior, inputs, targets)
+    for channels, layers in sizes:
+        for level in levels:
+            for dtype in args.dtypes:
+                name = f"{channels}x{layers}, {level} levels, {dtype}"
+                prior = modules.new_prior(dataclasses.replace(config, prior_layout_levels=level,
+                                                              prior_channels=channels, prior_layers=layers),
+                                          1, dtype=dtype)
+                inputs, targets = random_batch(prior, batch)
+                start = time.perf_counter()
+                prior.train_on_batch(inputs, targets)  # traces the step
+                print(f"{name}: first step (tracing) {time.perf_counter() - start:.1f} s", flush=True)
+                variants[name] = (prior, inputs, targets)
     best = {name: float("inf") for name in variants}
     for _ in range(args.rounds):
         for name, (prior, inputs, targets) in variants.items():

@@ -36,8 +36,9 @@ def test_the_sampling_benchmark_times_both_samplers():
 
 
 @pytest.mark.slow
-def test_the_prior_step_benchmark_times_one_and_two_levels():
-    figures = benchmark("prior_step", "--levels", "4", "0", "--dtypes", "float32", "--batch", "2", "--steps", "1",
-                        "--rounds", "1")
-    assert list(figures["ms_per_step"]) == ["4 levels, float32", "0 levels, float32"]
+def test_the_prior_step_benchmark_times_one_and_two_levels_at_two_sizes():
+    figures = benchmark("prior_step", "--levels", "4", "0", "--dtypes", "float32", "--sizes", "8x2", "16x1",
+                        "--batch", "2", "--steps", "1", "--rounds", "1")
+    assert list(figures["ms_per_step"]) == [f"{size}, {levels} levels, float32" for size in ("8x2", "16x1")
+                                            for levels in (4, 0)]
     assert all(ms > 0 for ms in figures["ms_per_step"].values()) and figures["grid"] == [32, 32]
