@@ -543,8 +543,9 @@ class PixelCNNPrior(keras.Model):
     ([codes, layout] unconditioned), and call returns {"codes": logits, "layout": layout logits (N, H/2, W/2,
     layout_levels)}; `sample` draws the layout first.
 
-    Example: PixelCNNPrior(num_embeddings=256, grid_shape=(32, 32), channels=48, num_layers=10, kernel_size=3)
-    maps codes (8, 32, 32) to logits (8, 32, 32, 256); its position map is a learned (32, 32, 48) weight.
+    Example (the demo preset's code prior, one level): PixelCNNPrior(num_embeddings=256, grid_shape=(32, 32),
+    channels=32, num_layers=6, kernel_size=3) maps codes (8, 32, 32) to logits (8, 32, 32, 256); its position map
+    is a learned (32, 32, 32) weight.
     """
 
     def __init__(self, num_embeddings: int, grid_shape, channels: int, num_layers: int, kernel_size: int,
