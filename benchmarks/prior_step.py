@@ -1,8 +1,8 @@
 """The prior's training step, where train.py --demo spends most of its time: milliseconds per step of the demo
 preset's prior (or the OASIS preset's) with one level or two, in float32 or mixed bfloat16, at the preset's width
 and depth or others, interleaved in rounds so that load from other processes hits all variants alike; the best
-round counts. Inputs are random code grids,
-conditions and layouts of the preset's shapes (the step's cost does not depend on their values).
+round counts. Inputs are random code grids, conditions and layouts of the preset's shapes (the step's cost does
+not depend on their values).
 
     python benchmarks/prior_step.py                                  # demo preset: 1 and 2 levels x float32, bf16
     python benchmarks/prior_step.py --levels 8 --dtypes float32      # one variant
