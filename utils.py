@@ -795,17 +795,17 @@ def bits_per_code(prior, codes: np.ndarray, conditions: np.ndarray | None = None
     """Mean negative log-likelihood of code grids (given their conditions) under the prior, in bits per code. A
     two-level prior also needs the grids' layouts (VQVAE.layout): their NLL is counted too, as it is part of the
     codes' (p(codes) = p(layout) p(codes | layout))."""
+    import keras
+
     total = 0.0
     for start in range(0, len(codes), batch_size):
         batch = np.asarray(codes[start:start + batch_size], "int32")
         layout = np.asarray(layouts[start:start + batch_size], "int32") if prior.layout_levels else None
         outputs = prior(prior.pack_inputs(batch, None if conditions is None else conditions[start:start + batch_size],
                                           layout))
-        targets = prior.pack_targets(batch, layout)
-        if not prior.layout_levels:  # one level: one output, one target
-            outputs, targets = {"codes": outputs}, {"codes": targets}
-        for name, target in targets.items():
-            logits = np.asarray(outputs[name], "float64")  # (B, h, w, classes)
+        targets = prior.pack_targets(batch, layout)  # the structure of the outputs: a dict with two levels
+        for output, target in zip(keras.tree.flatten(outputs), keras.tree.flatten(targets)):
+            logits = np.asarray(output, "float64")  # (B, h, w, classes)
             top = logits.max(-1, keepdims=True)
             log_norm = top[..., 0] + np.log(np.exp(logits - top).sum(-1))
             total += float(np.sum(log_norm - np.take_along_axis(logits, target[..., None], -1)[..., 0]))
