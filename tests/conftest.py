@@ -3,6 +3,9 @@ tests run on either Keras backend (KERAS_BACKEND=jax runs them under JAX, as CI 
 
 import contextlib
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -16,6 +19,13 @@ import dataset
 
 
 BACKEND = keras.backend.backend()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(args, script="train.py", **kwargs) -> subprocess.CompletedProcess:
+    """The project's script in a process of its own, as a user starts it; its output captured as text."""
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, timeout=300,
+                          **kwargs)
 
 
 def gradients(fn, *args):

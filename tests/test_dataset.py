@@ -2,8 +2,6 @@
 builder is deterministic and never splits a subject."""
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,7 @@ from PIL import Image
 
 import dataset
 import train
-from conftest import TINY, brainish, write_png
+from conftest import TINY, brainish, run_script, write_png
 from utils import UserError
 
 OASIS = {"keras_png_slices_train": 3, "keras_png_slices_validate": 2, "keras_png_slices_test": 2,
@@ -137,16 +135,11 @@ def test_corrupt_png_is_named(png_tree, content):
     assert str(bad) in message
 
 
-def run_train(*args, cwd):
-    return subprocess.run([sys.executable, str(Path(train.__file__)), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
-
-
 def test_train_cli_reports_bad_data_in_one_line_with_exit_2_and_creates_no_run(tmp_path, png_tree):
     root = png_tree({"train": 2, "validate": 1})
     (root / "validate" / "case_000_slice_0.nii.png").write_bytes(b"oops")
-    result = run_train("--data-dir", str(root), "--image-size", "16", "--runs-dir", str(tmp_path / "runs"),
-                       cwd=tmp_path)
+    result = run_script(["--data-dir", str(root), "--image-size", "16", "--runs-dir", str(tmp_path / "runs")],
+                        cwd=tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]

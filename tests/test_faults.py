@@ -20,23 +20,15 @@ import pytest
 import predict
 import train
 import utils
-from conftest import TINY, brainish, write_png
+from conftest import ROOT, TINY, brainish, run_script, write_png
 from test_reliability import check_complete
 from utils import Run
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def launch(args, logs: Path, script="train.py", **kwargs) -> subprocess.Popen:
     """The script in its own process, its output into logs/out and logs/err."""
     logs.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen([sys.executable, str(ROOT / script), *args], stdout=open(logs / "out", "w"),
                             stderr=open(logs / "err", "w"), **kwargs)
-
-
-def run_script(args, script="train.py", **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, timeout=300,
-                          **kwargs)
 
 
 def epochs_done(run: Path, stage: str) -> int:

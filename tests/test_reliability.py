@@ -4,7 +4,6 @@ seed gives the same numbers; an unwritable output folder is refused before any w
 
 import csv
 import json
-import os
 import re
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 
 import train
 import utils
+from conftest import run_script
 from utils import Run
 
 
@@ -62,10 +62,9 @@ def test_kill_9_then_resume_continues(tiny_args, tmp_path, stage, after_epochs):
     assert after_epochs <= done < (5 if stage == "vqvae" else 3)
     Run.open(run).stage(stage).load_model()  # the checkpoint on disk is whole
 
-    again = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300)
+    again = run_script(args)
     assert again.returncode == 2 and f"--resume {run}" in again.stderr  # the same command says what to type
-    resumed = subprocess.run([sys.executable, script, "--resume", str(run)], capture_output=True, text=True,
-                             timeout=300)
+    resumed = run_script(["--resume", str(run)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming the {'VQ-VAE' if stage == 'vqvae' else 'prior'} after epoch {done}" in resumed.stdout
     check_complete(run, 5, 3)
@@ -140,9 +139,7 @@ def test_same_seed_same_metrics(tiny_args, tmp_path):
     # differs from the first: the model builders set TensorFlow's global seed (keras.utils.set_random_seed), which
     # the VQ-VAE's tf.data shuffle, made before that, also takes, so the first run shuffles in another order.
     for name in ("a", "b"):
-        done = subprocess.run([sys.executable, str(Path(train.__file__)),
-                               *tiny_args(tmp_path, name, "--epochs", "2", "--prior-epochs", "1")],
-                              capture_output=True, text=True, timeout=300)
+        done = run_script(tiny_args(tmp_path, name, "--epochs", "2", "--prior-epochs", "1"))
         assert done.returncode == 0, done.stderr[-2000:]
     for name in ("history.csv", "prior_history.csv"):
         a, b = history(tmp_path / "a" / name), history(tmp_path / "b" / name)
