@@ -56,6 +56,9 @@ def train(argv: list[str] | None = None) -> Path:
     hardware.check_batches(config)
     print(f"hardware: {hardware.describe()}")
     vqvae_to_train = "vqvae" in stages and (args.retrain or not run.stage("vqvae").finished)
+    # The run's one seed, before anything random is made: tf.data's shuffle also takes TensorFlow's global seed, so
+    # a pipeline made before it was set would shuffle by whatever seed the process had (none, or a previous run's).
+    keras.utils.set_random_seed(config.seed)
     data = load_training_images(config, args.demo) if vqvae_to_train else None  # data errors: before any folder
     try:
         with run.training(config, stages, wait=args.wait):  # makes a new run's folder; one process per run
