@@ -185,13 +185,18 @@ def make_dataset(files: list[str], image_size: int, batch_size: int, shuffle: bo
     return _from_memory(_batches(dataset, batch_size, shuffle, seed).map(lambda x: (x, x)))
 
 
-def array_dataset(inputs, targets, batch_size: int, shuffle: bool = False, seed: int = 0):
+def array_dataset(inputs, targets, batch_size: int, shuffle: bool = False, seed: int = 0, passes: int = 1):
     """Arrays in memory (the prior's code grids, their conditions and layouts) -> (inputs, targets) batches, with
-    the same in-memory pipeline as make_dataset. inputs: one array or a list of arrays; targets: an array or a dict."""
+    the same in-memory pipeline as make_dataset. inputs: one array or a list of arrays; targets: an array or a dict.
+
+    passes: times the batches go over the arrays, each pass reshuffled and ending in its own partial batch, as
+    epochs of `fit` do; for a short training (the realism test's judges) as one `fit` epoch of `passes` passes,
+    which makes one iterator instead of one per epoch: at a few steps per epoch, making them took half the time."""
     import tensorflow as tf
 
     inputs = tuple(inputs) if isinstance(inputs, list) else inputs  # tf.data would stack a list into one tensor
-    return _from_memory(_batches(tf.data.Dataset.from_tensor_slices((inputs, targets)), batch_size, shuffle, seed))
+    batches = _batches(tf.data.Dataset.from_tensor_slices((inputs, targets)), batch_size, shuffle, seed)
+    return _from_memory(batches.repeat(passes) if passes > 1 else batches)
 
 
 def _batches(dataset, batch_size: int, shuffle: bool, seed: int):

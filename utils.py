@@ -939,6 +939,8 @@ def _judged(first: tuple, second: tuple, folds: int, epochs: int, size: int, see
     the group labels of the judged images (each image's own index where a set has fewer than 2 groups)."""
     import keras
 
+    import dataset  # not at the top: dataset imports this module
+
     rng = np.random.default_rng(seed)
     n, size = min(len(first[0]), len(second[0])), min(size, first[0].shape[1])
     picks = [rng.permutation(len(images))[:n] for images, _ in (first, second)]
@@ -959,7 +961,8 @@ def _judged(first: tuple, second: tuple, folds: int, epochs: int, size: int, see
         train, test = fold != k, fold == k
         ones = y[train].mean()  # folds of whole groups are not balanced: weigh the classes equal in training, or a
         weights = {0: 0.5 / (1 - ones), 1: 0.5 / ones}  # judge that sees no difference guesses the majority
-        model.fit(x[train], y[train], batch_size=32, epochs=epochs, verbose=0, shuffle=True, class_weight=weights)
+        passes = dataset.array_dataset(x[train], y[train], 32, shuffle=True, seed=seed + k, passes=epochs)
+        model.fit(passes, epochs=1, verbose=0, shuffle=False, class_weight=weights)  # `epochs` passes, each shuffled
         logits = batched(lambda batch: model(batch, training=False), x[test])[:, 0]  # eager: no retracing per fold
         judged[test] = (logits > 0) == (y[test] == 1)
     return {"correct": (judged[:n], judged[n:]), "labels": labels, "grouped": bool(grouped), "folds": folds}

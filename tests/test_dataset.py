@@ -76,6 +76,18 @@ def test_array_pipeline_keeps_input_lists_and_target_dicts_and_deals_each_row_on
     in_order = dataset.array_dataset(codes, codes, batch_size=2)
     assert [r for x, _ in in_order for r in x.numpy()[:, 0, 0] // 4] == list(range(5))
 
+
+def test_array_pipeline_passes_are_epochs_in_one_iteration():
+    rows = np.arange(5)
+    passes = list(dataset.array_dataset(rows, rows, batch_size=2, shuffle=True, seed=3, passes=3))
+    assert [len(x) for x, _ in passes] == [2, 2, 1] * 3  # each pass ends in its own partial batch
+    orders = [np.concatenate([x.numpy() for x, _ in passes[3 * k:3 * k + 3]]) for k in range(3)]
+    assert all(sorted(order) == list(range(5)) for order in orders)  # every row once per pass
+    assert len({tuple(order) for order in orders}) > 1  # reshuffled between passes
+    one_pass = [r for x, _ in dataset.array_dataset(rows, rows, batch_size=2, shuffle=True, seed=3) for r in x.numpy()]
+    assert list(orders[0]) == one_pass  # the first pass is the one-pass pipeline's epoch
+
+
 def test_eight_bit_scaled_by_255_rgb_to_gray_sixteen_bit_by_own_range_sizes_resized(tmp_path):
     gray = np.full((32, 32), 51, np.uint8)
     write_png(tmp_path / "gray.png", gray)
