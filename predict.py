@@ -111,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"times the realism test draws new samples and new judges; its accuracy is over all "
                              f"of them (default {REALISM_DRAWS}: one draw moves by about 0.1 with the seed; 0 skips "
                              "the test)")
+    parser.add_argument("--realism-diagnostics", action="store_true",
+                        help="also judge the VQ-VAE's reconstructions of the real slices (what a perfect prior "
+                             "would reach; measured once per VQ-VAE) and, with a two-level prior, codes drawn given "
+                             "the real slices' own layouts (which level falls short): about 20 s more each")
     return parser.parse_args(argv)
 
 
@@ -241,8 +245,9 @@ def generate(run: Run, out: Run, config: utils.Config, vqvae, args: argparse.Nam
                "conditioned_on_depth": conditioned}
 
     # 2. Is a sample distinguishable from a real slice? The classifier two-sample test against the test split,
-    # beside real validation slices (the ideal) and VQ-VAE reconstructions (what a perfect prior would reach), over
-    # several draws of samples and of the judges: one draw moves with the seed by about 0.1.
+    # beside real validation slices (the ideal), over several draws of samples and of the judges: one draw moves
+    # with the seed by about 0.1. --realism-diagnostics adds VQ-VAE reconstructions (what a perfect prior would
+    # reach) and, with two levels, codes drawn given real layouts.
     held_out = {name: split if split.name == name else Split.load(data_dir, name, config.image_size)
                 for name in ("validate", "test")}
     real, test = held_out["validate"], held_out["test"]
@@ -258,23 +263,28 @@ def generate(run: Run, out: Run, config: utils.Config, vqvae, args: argparse.Nam
         picks = [np.random.default_rng([seed, r]).permutation(len(real.images))[:n] for r in range(draws)]
         subjects = real.subjects()
         real_images, real_subjects = [real.images[p] for p in picks], [subjects[p] for p in picks]
-        samples = [generated(n, depths.draw(n) if conditioned else None, stream=2 * r + 1) for r in range(draws)]
+
+        def drawn(stream: int, positions=None, layouts=None) -> list[np.ndarray]:
+            """Every draw's n samples from one sampler call (one batch of n x draws samples is faster than draws
+            batches of n), split into the draws; positions and layouts: one array per draw, or None."""
+            joined = generated(n * draws, None if positions is None else np.concatenate(positions), stream=stream,
+                               layouts=None if layouts is None else np.concatenate(layouts))
+            return np.split(joined, draws)
+
+        samples = drawn(1, [depths.draw(n) for _ in range(draws)] if conditioned else None)
         judged = {"samples_vs_real": (samples, None)}  # independent draws: each its own group
         if "real_vs_real" not in known:  # a subject's slices share a fold (utils.c2st)
             judged["real_vs_real"] = (real_images, real_subjects)
-        if "reconstructions_vs_real" not in known:
+        if args.realism_diagnostics and "reconstructions_vs_real" not in known:
             judged["reconstructions_vs_real"] = ([utils.reconstruct(vqvae, images)[0] for images in real_images],
                                                  real_subjects)
-        if conditioned and real.positions is not None:
-            judged["samples_at_real_depths_vs_real"] = ([generated(n, real.positions[p], stream=2 * r + 2)
-                                                         for r, p in enumerate(picks)], None)
-        if prior.layout_levels:  # which level falls short: codes drawn given the real slices' own layouts
-            given = []
-            for r, (p, images) in enumerate(zip(picks, real_images)):
-                layouts = utils.code_layouts(vqvae, utils.batched(vqvae.encode, images), prior.layout_levels)
-                given.append(generated(n, real.positions[p] if conditioned else None, stream=2 * draws + r + 1,
-                                       layouts=layouts))
-            judged["samples_given_real_layouts_vs_real"] = (given, None)
+        real_depths = [real.positions[p] for p in picks] if conditioned and real.positions is not None else None
+        if real_depths is not None:
+            judged["samples_at_real_depths_vs_real"] = (drawn(2, real_depths), None)
+        if args.realism_diagnostics and prior.layout_levels:  # which level falls short: codes given real layouts
+            layouts = [utils.code_layouts(vqvae, utils.batched(vqvae.encode, images), prior.layout_levels)
+                       for images in real_images]
+            judged["samples_given_real_layouts_vs_real"] = (drawn(3, real_depths, layouts), None)
         section["c2st"] = realism(judged, test, seed, known)
         section["c2st_reference"] = reference
         section["nearest_train_ssim"] = copy_check(samples[0], real_images[0], config, data_dir, known_copy)

@@ -62,7 +62,8 @@ def test_config_round_trips_through_json(tiny_run):
 
 
 def test_predict_rebuilds_from_the_run_folder_reports_baselines_and_generates(tiny_run, capsys):
-    assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5", "--realism-draws", "2"]) == 0
+    assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5", "--realism-draws", "2",
+                         "--realism-diagnostics"]) == 0
     out = capsys.readouterr().out
     assert "vqvae" in out and "bilinear_x4" in out and "all_black" in out and "generated 3 brains" in out
     for name in ["ssim_hist.png", "recon_test.png", "samples.png"]:
@@ -227,7 +228,11 @@ def test_resume_trains_the_prior_of_a_run_whose_vqvae_is_trained(tiny_run, tmp_p
     metrics = json.loads((run / "metrics.json").read_text())["prior"]
     assert 0 < metrics["val_bits_per_code"] < 2 * np.log2(16)  # the codes' NLL, layout included
     assert predict.main(["--run", str(run), "--num-samples", "2", "--realism-draws", "1"]) == 0
-    assert "samples given validation layouts, depths" in capsys.readouterr().out
+    assert "samples given validation layouts" not in capsys.readouterr().out  # a diagnostic, asked for
+    assert predict.main(["--run", str(run), "--num-samples", "2", "--realism-draws", "1",
+                         "--realism-diagnostics"]) == 0
+    out = capsys.readouterr().out
+    assert "samples given validation layouts, depths" in out and "VQ-VAE reconstructions" in out
     samples = json.loads((run / "metrics.json").read_text())["samples"]
     assert 0 < samples["prior_bits_per_code"]["value"] < 2 * np.log2(16)
     assert 0 <= samples["c2st"]["samples_given_real_layouts_vs_real"]["accuracy"] <= 1  # the lower level, judged
