@@ -4,6 +4,7 @@
     python predict.py --run runs/NAME --num-samples 64 --temperature 0.9 --seed 1
     python predict.py --run runs/NAME --slice-position 0.3 0.5 0.7   # brains at these depths
     python predict.py --run runs/NAME --split validate --data-dir PATH
+    python predict.py --run runs/NAME --realism-diagnostics       # also judge reconstructions and real layouts
 
 Everything is rebuilt from the run folder alone (config.json, vqvae.keras, prior.keras). Writes, into the run:
     ssim_hist.png, recon_SPLIT.png     reconstruction SSIM per slice and a grid, beside the trivial floors
