@@ -196,7 +196,7 @@ def array_dataset(inputs, targets, batch_size: int, shuffle: bool = False, seed:
 
     inputs = tuple(inputs) if isinstance(inputs, list) else inputs  # tf.data would stack a list into one tensor
     batches = _batches(tf.data.Dataset.from_tensor_slices((inputs, targets)), batch_size, shuffle, seed)
-    return _from_memory(batches.repeat(passes) if passes > 1 else batches)
+    return _from_memory(batches.repeat(passes))
 
 
 def _batches(dataset, batch_size: int, shuffle: bool, seed: int):
