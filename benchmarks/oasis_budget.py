@@ -95,31 +95,44 @@ def timed_steps(build, data, steps: int) -> float:
 
 
 def compiled_sampler(prior, n: int):
-    """(seconds to compile, sample(condition) -> (n, H, W) codes drawn from the prior). Under JAX the weights enter
-    the compiled function as arguments, not as constants baked into it."""
+    """(seconds to compile, sample(condition, temperature=1.0, seed=1) -> (n, H, W) codes drawn from the prior, from
+    logits / temperature, or their argmax at temperature 0). Compiled once: the temperature and seed are arguments.
+    Under JAX the weights enter the compiled function as arguments, not as constants baked into it."""
     if keras.backend.backend() == "jax":
         import jax
+        import jax.numpy as jnp
 
-        def sample(values, condition, key):
+        def sample(values, condition, key, temperature):
+            def draw(logits, position):
+                drawn = jax.random.categorical(jax.random.fold_in(key, position),
+                                               logits / jnp.maximum(temperature, 1e-6))
+                return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1))
+
             with keras.StatelessScope(state_mapping=list(zip(prior.variables, values))):
-                return prior.sample(n, lambda logits, position: jax.random.categorical(
-                    jax.random.fold_in(key, position), logits), condition)
+                return prior.sample(n, draw, condition)
 
         values = [v.value for v in prior.variables]
         start = time.perf_counter()
         executable = jax.jit(sample).lower(values, np.zeros((n, prior.num_conditions), "float32"),
-                                           jax.random.key(0)).compile()
-        return time.perf_counter() - start, lambda condition: np.asarray(
-            executable(values, condition, jax.random.key(1)))
+                                           jax.random.key(0), np.float32(1)).compile()
+        return time.perf_counter() - start, lambda condition, temperature=1.0, seed=1: np.asarray(
+            executable(values, condition, jax.random.key(seed), np.float32(temperature)))
     import tensorflow as tf
 
-    def draw(logits, position):
-        return tf.random.stateless_categorical(logits, 1, tf.stack([0, tf.cast(position, tf.int32)]))[:, 0]
+    @tf.function
+    def function(condition, temperature, seed):
+        def draw(logits, position):
+            key = tf.stack([seed, tf.cast(position, tf.int32)])
+            drawn = tf.random.stateless_categorical(logits / tf.maximum(temperature, 1e-6), 1, key)[:, 0]
+            return tf.where(temperature > 0, tf.cast(drawn, tf.int32), tf.argmax(logits, -1, output_type=tf.int32))
 
-    function = tf.function(lambda condition: prior.sample(n, draw, condition))
+        return prior.sample(n, draw, condition)
+
     start = time.perf_counter()
-    function.get_concrete_function(tf.TensorSpec((n, prior.num_conditions), tf.float32))
-    return time.perf_counter() - start, lambda condition: function(tf.constant(condition)).numpy()
+    function.get_concrete_function(tf.TensorSpec((n, prior.num_conditions), tf.float32),
+                                   tf.TensorSpec((), tf.float32), tf.TensorSpec((), tf.int32))
+    return time.perf_counter() - start, lambda condition, temperature=1.0, seed=1: function(
+        tf.constant(condition, tf.float32), tf.constant(temperature, tf.float32), tf.constant(seed, tf.int32)).numpy()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -257,3 +257,20 @@ def test_failed_prior_stage_leaves_the_run_as_it_was(tiny_run, tmp_path, capsys)
                        "--prior-layers", "3"]) == 2
     assert "gone does not exist" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_the_prior_capacity_benchmark_trains_samples_and_draws_its_figure_from_a_run(tiny_run, tmp_path):
+    """Its quickest form under JAX (as on the GPU machine), then its figure from the samples it wrote."""
+    from test_benchmarks import benchmark
+
+    out = tmp_path / "capacity"
+    figures = benchmark("prior_capacity", "--run", str(tiny_run), "--budget", "2", "--sizes", "8x1", "8x1k5a1",
+                        "--rows", "1", "--out", str(out), backend="jax")
+    assert list(figures["sizes"]) == ["8x1", "8x1k5a1"]
+    assert figures["sizes"]["8x1k5a1"]["parameters"] > figures["sizes"]["8x1"]["parameters"]  # attention, 5x5
+    assert all(s["epochs"] >= 1 and 0 < s["val_bits_per_code"] < 16 for s in figures["sizes"].values())
+    with np.load(out / "capacity_samples.npz") as saved:
+        for key in ("8x1_t1.0", "8x1_t0.7", "8x1_t0.0", "8x1k5a1_t1.0"):
+            assert saved[key].shape == (8, 8, 8) and 0 <= saved[key].min() and saved[key].max() < 16, key
+    benchmark("prior_capacity", "--run", str(tiny_run), "--figure", str(out), expect_json=False)
+    assert {p.name for p in out.glob("capacity_*.png")} == {"capacity_8x1.png", "capacity_8x1k5a1.png"}
