@@ -12,6 +12,7 @@ template that nilearn ships, so everything runs without downloading OASIS.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -165,6 +166,26 @@ def load_images(files: list[str], image_size: int) -> np.ndarray:
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.DataLossError) as error:
         _raise_bad_file(files, image_size, error)
     return np.concatenate(batches)
+
+
+@dataclasses.dataclass
+class Split:
+    """The images of one data split with their file names and slice positions (None without slice numbers)."""
+
+    name: str
+    files: list[str]
+    images: np.ndarray
+    positions: np.ndarray | None
+
+    @classmethod
+    def load(cls, data_dir: str, name: str, image_size: int) -> "Split":
+        files = split_files(data_dir, name)
+        return cls(name, files, load_images(files, image_size), slice_positions(files))
+
+    def subjects(self) -> np.ndarray:
+        """Each slice's subject; a slice of its own where the names carry no subject."""
+        subjects = slice_subjects(self.files)
+        return np.array([f"{self.name} {i}" for i in range(len(self.files))]) if subjects is None else subjects
 
 
 def make_dataset(files: list[str], image_size: int, batch_size: int, shuffle: bool, seed: int = 0):

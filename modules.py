@@ -688,7 +688,7 @@ class PixelCNNPrior(keras.Model):
         """
         if self.compute_dtype != "float32":
             raise ValueError("sample() runs in float32; sample a float32 copy of a mixed-precision prior "
-                             "(utils.load_model(path, float32=True) gives one)")
+                             "(modules.full_precision(prior), or Run.stage('prior').load_model(float32=True))")
         n, (height, width) = num_samples, self.grid_shape
         c = self.kernel_size // 2
         if self.num_conditions:
@@ -804,7 +804,7 @@ def slice_position_features(positions, frequencies: int):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Builders: the models of a configuration (utils.Config), used by train.py, predict.py and the benchmarks alike
+# Builders: the models of a configuration (run_state.Config), used by train.py, predict.py and the benchmarks alike
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -815,9 +815,8 @@ def cosine_schedule(learning_rate: float, epochs: int, steps_per_epoch: int):
 
 
 def new_vqvae(config, steps_per_epoch: int, dtype: str = "float32", jit_compile: bool = False) -> VQVAE:
-    """The VQ-VAE of a config, built and compiled for training (seeded: same seed, same initial weights).
+    """The VQ-VAE of a config, built and compiled for training (train.py seeds the backend before it).
     Call it inside a tf.distribute strategy's scope to train on several devices."""
-    keras.utils.set_random_seed(config.seed)
     model = VQVAE(**config.vqvae_kwargs(), dtype=dtype)
     model.build((None, config.image_size, config.image_size, 1))
     schedule = cosine_schedule(config.learning_rate, config.epochs, steps_per_epoch)
@@ -829,7 +828,6 @@ def new_vqvae(config, steps_per_epoch: int, dtype: str = "float32", jit_compile:
 def new_prior(config, steps_per_epoch: int, dtype: str = "float32", jit_compile: bool = False) -> PixelCNNPrior:
     """The PixelCNN prior of a config, built and compiled for training on code grids (and, when conditioned, on
     slice_position_features of their slices)."""
-    keras.utils.set_random_seed(config.seed)
     prior = PixelCNNPrior(**config.prior_kwargs(), dtype=dtype)
     prior.build(prior.pack_inputs((None, config.grid_size, config.grid_size), (None, prior.num_conditions),
                                   (None, *prior.layout_shape)))

@@ -21,7 +21,6 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads: none of its C++ log lines
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 import time
@@ -31,13 +30,15 @@ import numpy as np
 
 import utils
 
-with utils.native_stderr_captured():  # TensorFlow's C++ start-up lines
-    import tensorflow as tf
-    import tensorflow_probability as tfp
+with utils.native_stderr_captured():  # TensorFlow's C++ start-up lines, where Keras runs on TensorFlow
+    import keras
 
 import dataset
 import modules
-from utils import Run, UserError
+import realism
+import run_state
+from run_state import Run
+from utils import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +67,7 @@ def evaluate_and_generate(argv: list[str] | None = None) -> None:
     print(f"run: {run.path}" + (f"; writing into {out.path}" if args.out else ""))
     vqvae = run.load_vqvae()
     data_dir = args.data_dir or config.data_dir
-    split = Split.load(data_dir, args.split, config.image_size)
+    split = dataset.Split.load(data_dir, args.split, config.image_size)
     codes = evaluate_reconstruction(out, config, vqvae, split, data_dir)
     if run.stage("prior").has_checkpoint:
         generate(run, out, config, vqvae, args, data_dir, split, codes)
@@ -84,9 +85,6 @@ def check_writable(folder: Path, given: bool) -> None:
         remedy = "pass another --out" if given else "pass --out DIR to write them elsewhere"
         raise UserError(f"cannot write the figures, samples and metrics into {folder} ({error.strerror}); "
                         f"{remedy}") from None
-
-
-REALISM_DRAWS = 3  # one draw of 128 samples moved the C2ST by 0.1 to 0.2 with the seed (README, Generation)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,9 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--realism-samples", type=int, default=128, metavar="N",
                         help="samples the realism test judges against as many real slices (default 128, or fewer "
                              "if the validation or test split is smaller; 0 skips the test)")
-    parser.add_argument("--realism-draws", type=int, default=REALISM_DRAWS, metavar="R",
+    parser.add_argument("--realism-draws", type=int, default=realism.DRAWS, metavar="R",
                         help=f"times the realism test draws new samples and new judges; its accuracy is over all "
-                             f"of them (default {REALISM_DRAWS}: one draw moves by about 0.1 with the seed; 0 skips "
+                             f"of them (default {realism.DRAWS}: one draw moves by about 0.1 with the seed; 0 skips "
                              "the test)")
     parser.add_argument("--realism-diagnostics", action="store_true",
                         help="also judge the VQ-VAE's reconstructions of the real slices (what a perfect prior "
@@ -119,32 +117,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@dataclasses.dataclass
-class Split:
-    """The images of one data split with their file names and slice positions (None without slice numbers)."""
-
-    name: str
-    files: list[str]
-    images: np.ndarray
-    positions: np.ndarray | None
-
-    @classmethod
-    def load(cls, data_dir: str, name: str, image_size: int) -> "Split":
-        files = dataset.split_files(data_dir, name)
-        return cls(name, files, dataset.load_images(files, image_size), dataset.slice_positions(files))
-
-    def subjects(self) -> np.ndarray:
-        """Each slice's subject; a slice of its own where the names carry no subject."""
-        subjects = dataset.slice_subjects(self.files)
-        return np.array([f"{self.name} {i}" for i in range(len(self.files))]) if subjects is None else subjects
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Reconstruction
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def evaluate_reconstruction(out: Run, config: utils.Config, vqvae, split: Split, data_dir: str) -> np.ndarray:
+def evaluate_reconstruction(out: Run, config: run_state.Config, vqvae, split: dataset.Split,
+                            data_dir: str) -> np.ndarray:
     """Reconstruction metrics of the VQ-VAE beside its floors, written into `out`; returns the code grids."""
     images = split.images
     recon, codes = utils.reconstruct(vqvae, images)
@@ -180,9 +159,25 @@ def make_sampler(prior, temperature: float, seed: int):
     """sample(n, positions=None, seed=seed, stream=0, layouts=None) -> (n, H, W) int32 code grids, positions (n,)
     being the slices' depths for a conditioned prior, layouts (n, H/2, W/2) the layouts a two-level prior draws
     its codes from (VQVAE.layout of real slices, say) instead of sampling them. The whole autoregressive loop is
-    one tf.function graph (traced once per n, whatever the seed); each position draws from tfp Categorical(logits /
-    temperature) with a stateless seed derived from (seed, stream, position), so the same seed and stream give the
-    same samples."""
+    one compiled graph (tf.function, or jax.jit under JAX; traced once per n, whatever the seed); each position
+    draws from Categorical(logits / temperature) (the argmax at 0) with a seed derived from (seed, stream,
+    position), so the same seed and stream give the same samples."""
+    compiled = _compiled_tensorflow(prior, temperature) if keras.backend.backend() != "jax" else \
+        _compiled_jax(prior, temperature)
+
+    def sample(n: int, positions=None, seed: int = seed, stream: int = 0, layouts=None) -> np.ndarray:
+        layouts = None if layouts is None else np.asarray(layouts, "int32")
+        condition = None if not prior.num_conditions else np.asarray(
+            modules.slice_position_features(np.asarray(positions, "float32"), prior.num_conditions // 2))
+        return compiled(n, condition, (seed, stream), layouts)  # another stream: other samples from the same seed
+
+    return sample
+
+
+def _compiled_tensorflow(prior, temperature: float):
+    """compiled(n, condition, (seed, stream), layouts) -> codes, through one tf.function; draws by tfp."""
+    import tensorflow as tf
+    import tensorflow_probability as tfp
 
     @tf.function
     def compiled(n, condition, base_seed, layouts):
@@ -194,41 +189,74 @@ def make_sampler(prior, temperature: float, seed: int):
 
         return prior.sample(n, draw, condition, layouts)
 
-    def sample(n: int, positions=None, seed: int = seed, stream: int = 0, layouts=None) -> np.ndarray:
-        base_seed = tf.constant([seed, stream], tf.int32)  # another stream: other samples from the same seed
-        layouts = None if layouts is None else tf.constant(np.asarray(layouts, "int32"))
-        if not prior.num_conditions:
-            return compiled(n, None, base_seed, layouts).numpy()
-        features = modules.slice_position_features(np.asarray(positions, "float32"), prior.num_conditions // 2)
-        return compiled(n, tf.constant(np.asarray(features)), base_seed, layouts).numpy()
-
-    return sample
+    return lambda n, condition, seeds, layouts: compiled(
+        n, None if condition is None else tf.constant(condition), tf.constant(seeds, tf.int32),
+        None if layouts is None else tf.constant(layouts)).numpy()
 
 
-def generate(run: Run, out: Run, config: utils.Config, vqvae, args: argparse.Namespace, data_dir: str, split: Split,
-             split_codes: np.ndarray) -> dict:
+def _compiled_jax(prior, temperature: float):
+    """compiled(n, condition, (seed, stream), layouts) -> codes, through one jax.jit; the weights enter it as
+    arguments, not as constants baked into the compiled function."""
+    import jax
+
+    def sample(n, values, condition, key, layouts):
+        def draw(logits, position):
+            if temperature == 0:
+                return keras.ops.argmax(logits, axis=-1)
+            return jax.random.categorical(jax.random.fold_in(key, position), logits / temperature)
+
+        with keras.StatelessScope(state_mapping=list(zip(prior.variables, values))):
+            return prior.sample(n, draw, condition, layouts)
+
+    compiled = jax.jit(sample, static_argnums=0)
+    values = [v.value for v in prior.variables]
+    return lambda n, condition, seeds, layouts: np.asarray(compiled(
+        n, values, condition, jax.random.fold_in(jax.random.key(seeds[0]), seeds[1]), layouts))
+
+
+def generate(run: Run, out: Run, config: run_state.Config, vqvae, args: argparse.Namespace, data_dir: str,
+             split: dataset.Split, split_codes: np.ndarray) -> dict:
     """Samples brains from the prior of `run`, judges their realism against held-out slices, draws the figures;
     writes into `out` (the run folder, or --out)."""
-    prior = run.stage("prior").load_model(float32=True)  # sampled in full precision
-    if prior.num_embeddings != vqvae.num_embeddings:
-        raise UserError(f"{run.stage('prior').checkpoint} predicts {prior.num_embeddings} codes but the VQ-VAE has "
-                        f"{vqvae.num_embeddings}; retrain the prior with `python train.py --resume {run.path} "
-                        "--stage prior --retrain`")
-    conditioned = bool(prior.num_conditions)
-    if args.slice_position and not conditioned:
-        raise UserError(f"the prior of {run.path} is not conditioned on depth (its file names had no slice numbers, "
-                        "or it was trained with --prior-position-frequencies 0); drop --slice-position")
+    prior = load_prior(run, vqvae, args)
     seed = config.seed if args.seed is None else args.seed
     sample = make_sampler(prior, args.temperature, seed)
-    depths = Depths(run, seed) if conditioned else None
+    depths = Depths(run, seed) if prior.num_conditions else None
 
     def generated(n: int, positions=None, stream: int = 0, layouts=None) -> np.ndarray:
         return utils.batched(vqvae.decode, sample(n, positions, stream=stream, layouts=layouts))
 
-    # 1. The samples asked for
+    section = samples_asked_for(out, generated, depths, args, config, seed)
+    held_out = {name: split if split.name == name else dataset.Split.load(data_dir, name, config.image_size)
+                for name in ("validate", "test")}
+    section.update(judged(run, out, config, vqvae, prior, generated, depths, held_out, args, data_dir, seed))
+    if depths is not None and held_out["test"].positions is not None:
+        depth_figure(out.figure("depths"), held_out["test"], generated)
+    section["prior_bits_per_code"] = likelihood(prior, vqvae, split, split_codes, config)
+    out.update_metrics("samples", section)
+    return section
+
+
+def load_prior(run: Run, vqvae, args: argparse.Namespace):
+    """The run's prior in full precision (as it is sampled), checked against the VQ-VAE and the flags."""
+    prior = run.stage("prior").load_model(float32=True)
+    if prior.num_embeddings != vqvae.num_embeddings:
+        raise UserError(f"{run.stage('prior').checkpoint} predicts {prior.num_embeddings} codes but the VQ-VAE has "
+                        f"{vqvae.num_embeddings}; retrain the prior with `python train.py --resume {run.path} "
+                        "--stage prior --retrain`")
+    if args.slice_position and not prior.num_conditions:
+        raise UserError(f"the prior of {run.path} is not conditioned on depth (its file names had no slice numbers, "
+                        "or it was trained with --prior-position-frequencies 0); drop --slice-position")
+    return prior
+
+
+def samples_asked_for(out: Run, generated, depths, args: argparse.Namespace, config: run_state.Config,
+                      seed: int) -> dict:
+    """Generates --num-samples brains (at --slice-position, or at depths drawn from training), writes them and
+    samples.png; returns the start of the metrics' `samples` section."""
     n = args.num_samples
     positions = (np.resize(np.asarray(args.slice_position, "float32"), n) if args.slice_position
-                 else depths.draw(n) if conditioned else None)
+                 else None if depths is None else depths.draw(n))
     start = time.time()
     samples = generated(n, positions)
     seconds = time.time() - start
@@ -236,77 +264,51 @@ def generate(run: Run, out: Run, config: utils.Config, vqvae, args: argparse.Nam
     print(f"generated {n} brains ({config.grid_size}x{config.grid_size} codes, temperature {args.temperature}, "
           f"seed {seed}{where}) in {seconds:.1f} s, compilation included")
     out.write_samples(samples)
-    captions = None if positions is None else [f"depth {p:.2f}" for p in positions]
-    utils.plot_image_rows(out.figure("samples"),
-                          {f"samples {r + 1}-{min(r + 8, n)}": samples[r:r + 8] for r in range(0, n, 8)},
+    rows = {f"samples {r + 1}-{min(r + 8, n)}": slice(r, r + 8) for r in range(0, n, 8)}
+    utils.plot_image_rows(out.figure("samples"), {label: samples[rows[label]] for label in rows},
                           title=f"PixelCNN samples, temperature {args.temperature}, seed {seed}",
-                          captions=None if captions is None else {f"samples {r + 1}-{min(r + 8, n)}": captions[r:r + 8]
-                                                                  for r in range(0, n, 8)})
-    section = {"num_samples": n, "temperature": args.temperature, "seed": seed, "sampling_seconds": round(seconds, 2),
-               "conditioned_on_depth": conditioned}
+                          captions=None if positions is None else {
+                              label: [f"depth {p:.2f}" for p in positions[rows[label]]] for label in rows})
+    return {"num_samples": n, "temperature": args.temperature, "seed": seed, "sampling_seconds": round(seconds, 2),
+            "conditioned_on_depth": depths is not None}
 
-    # 2. Is a sample distinguishable from a real slice? The classifier two-sample test against the test split,
-    # beside real validation slices (the ideal), over several draws of samples and of the judges: one draw moves
-    # with the seed by about 0.1. --realism-diagnostics adds VQ-VAE reconstructions (what a perfect prior would
-    # reach) and, with two levels, codes drawn given real layouts.
-    held_out = {name: split if split.name == name else Split.load(data_dir, name, config.image_size)
-                for name in ("validate", "test")}
+
+def judged(run: Run, out: Run, config: run_state.Config, vqvae, prior, generated, depths, held_out: dict,
+           args: argparse.Namespace, data_dir: str, seed: int) -> dict:
+    """The realism test (realism.judge_samples) with the copy check and brain areas: the metrics' part on whether
+    samples pass for real slices. The references that depend on the data, the VQ-VAE and the judge only are
+    measured once, then read from metrics.json."""
     real, test = held_out["validate"], held_out["test"]
     n, draws = min(args.realism_samples, len(real.images), len(test.images)), args.realism_draws
-    if n and draws:
-        # The references (and the real side of the copy check) depend on the data, the VQ-VAE and the judge only:
-        # measured once, then read from metrics.json.
-        reference = {"n": n, "draws": draws, "seed": seed, "data_dir": str(data_dir),
-                     "vqvae": checkpoint_stamp(run, "vqvae"),
-                     "judge": {"channels": list(utils.JUDGE_CHANNELS), "folds": utils.C2ST_FOLDS,
-                               "epochs": utils.C2ST_EPOCHS, "size": utils.C2ST_SIZE}}  # another judge: measure anew
-        known, known_copy = previous_references(out, reference)
-        picks = [np.random.default_rng([seed, r]).permutation(len(real.images))[:n] for r in range(draws)]
-        subjects = real.subjects()
-        real_images, real_subjects = [real.images[p] for p in picks], [subjects[p] for p in picks]
+    if not (n and draws):
+        return {}
+    stamp = run.stage("vqvae").checkpoint.stat()  # a retrained VQ-VAE has another size or time
+    reference = realism.reference(n, draws, seed, data_dir, [stamp.st_size, stamp.st_mtime_ns])
+    try:
+        previous = out.read_metrics().get("samples", {})
+    except UserError:  # a damaged metrics.json: measure again (update_metrics keeps the damaged one aside)
+        previous = {}
+    known, known_copy = realism.previous_references(previous, reference)
+    results, real_images, samples = realism.judge_samples(
+        generated, real, test, n, draws, seed, known, depths, vqvae, prior.layout_levels, args.realism_diagnostics)
+    train_images = dataset.load_images(dataset.split_files(data_dir, "train"), config.image_size)
+    every_sample, every_real = np.concatenate(samples), np.concatenate(real_images)
+    return {"c2st": results, "c2st_reference": reference,
+            "nearest_train_ssim": realism.copy_check(samples[0], real_images[0], train_images, known_copy),
+            "brain_fraction": {"samples": utils.summarize(utils.brain_fraction(every_sample)),
+                               "real": utils.summarize(utils.brain_fraction(every_real))}}
 
-        def drawn(stream: int, positions=None, layouts=None) -> list[np.ndarray]:
-            """Every draw's n samples from one sampler call (one batch of n x draws samples is faster than draws
-            batches of n), split into the draws; positions and layouts: one array per draw, or None."""
-            joined = generated(n * draws, None if positions is None else np.concatenate(positions), stream=stream,
-                               layouts=None if layouts is None else np.concatenate(layouts))
-            return np.split(joined, draws)
 
-        samples = drawn(1, [depths.draw(n) for _ in range(draws)] if conditioned else None)
-        judged = {"samples_vs_real": (samples, None)}  # independent draws: each its own group
-        if "real_vs_real" not in known:  # a subject's slices share a fold (utils.c2st)
-            judged["real_vs_real"] = (real_images, real_subjects)
-        if args.realism_diagnostics and "reconstructions_vs_real" not in known:
-            judged["reconstructions_vs_real"] = ([utils.reconstruct(vqvae, images)[0] for images in real_images],
-                                                 real_subjects)
-        real_depths = [real.positions[p] for p in picks] if conditioned and real.positions is not None else None
-        if real_depths is not None:
-            judged["samples_at_real_depths_vs_real"] = (drawn(2, real_depths), None)
-        if args.realism_diagnostics and prior.layout_levels:  # which level falls short: codes given real layouts
-            layouts = [utils.code_layouts(vqvae, utils.batched(vqvae.encode, images), prior.layout_levels)
-                       for images in real_images]
-            judged["samples_given_real_layouts_vs_real"] = (drawn(3, real_depths, layouts), None)
-        section["c2st"] = realism(judged, test, seed, known)
-        section["c2st_reference"] = reference
-        section["nearest_train_ssim"] = copy_check(samples[0], real_images[0], config, data_dir, known_copy)
-        section["brain_fraction"] = {"samples": utils.summarize(utils.brain_fraction(np.concatenate(samples))),
-                                     "real": utils.summarize(utils.brain_fraction(np.concatenate(real_images)))}
-
-    # 3. Real and generated slices at the same depths
-    if conditioned and test.positions is not None:
-        depth_figure(out.figure("depths"), test, generated)
-
-    # 4. The prior's likelihood of the evaluated split
-    split_conditions = (None if not conditioned else
-                        np.asarray(modules.slice_position_features(split.positions, prior.num_conditions // 2)))
+def likelihood(prior, vqvae, split: dataset.Split, split_codes: np.ndarray, config: run_state.Config) -> dict:
+    """The prior's NLL of the evaluated split's code grids, in bits per code, beside a uniform prior's."""
+    conditions = (None if not prior.num_conditions else
+                  np.asarray(modules.slice_position_features(split.positions, prior.num_conditions // 2)))
     layouts = utils.code_layouts(vqvae, split_codes, prior.layout_levels) if prior.layout_levels else None
-    section["prior_bits_per_code"] = {"split": split.name,
-                                      "value": utils.bits_per_code(prior, split_codes, split_conditions, layouts),
-                                      "uniform": float(np.log2(config.num_embeddings))}
-    print(f"prior NLL on the {split.name} split: {section['prior_bits_per_code']['value']:.3f} bits/code "
-          f"(a uniform prior: {section['prior_bits_per_code']['uniform']:.1f})")
-    out.update_metrics("samples", section)
-    return section
+    result = {"split": split.name, "value": utils.bits_per_code(prior, split_codes, conditions, layouts),
+              "uniform": float(np.log2(config.num_embeddings))}
+    print(f"prior NLL on the {split.name} split: {result['value']:.3f} bits/code (a uniform prior: "
+          f"{result['uniform']:.1f})")
+    return result
 
 
 class Depths:
@@ -324,65 +326,7 @@ class Depths:
         return self.rng.choice(self.positions, n)
 
 
-def realism(judged: dict, test: Split, seed: int, known: dict) -> dict:
-    """C2ST accuracy of each (draws of images, their subject ids or None) set against the real test slices, beside
-    the `known` results measured before, printed as a table."""
-    labels = {"real_vs_real": "real validation slices (the ideal)",
-              "reconstructions_vs_real": "VQ-VAE reconstructions (a perfect prior's)",
-              "samples_vs_real": "samples, depths drawn from training",
-              "samples_at_real_depths_vs_real": "samples at the validation depths",
-              "samples_given_real_layouts_vs_real": "samples given validation layouts, depths"}
-    size = min(utils.C2ST_SIZE, test.images.shape[1])
-    print(f"realism: can a small CNN tell these from real test slices? (classifier two-sample test, "
-          f"{utils.C2ST_FOLDS}-fold, at {size} px; 0.5 = indistinguishable, 1.0 = always told apart)")
-    results, test_subjects = dict(known), test.subjects()
-    for name, (draws, subjects) in judged.items():
-        results[name] = utils.c2st(draws, test.images, groups=(subjects, test_subjects), seed=seed)
-    for name in labels:
-        if name in results:
-            result = results[name]
-            low, high = result["ci95"]
-            each = f"draws {' '.join(f'{a:.2f}' for a in result['draws'])}; " if len(result["draws"]) > 1 else ""
-            print(f"{labels[name]:>46}  accuracy {result['accuracy']:.3f}  [{low:.3f}, {high:.3f}]  ({each}"
-                  f"{result['n_per_set']} per set{', measured before' if name in known else ''})")
-    return results
-
-
-def checkpoint_stamp(run: Run, stage: str) -> list[int]:
-    """Size and modification time of a stage's checkpoint: a retrained stage has another."""
-    status = run.stage(stage).checkpoint.stat()
-    return [status.st_size, status.st_mtime_ns]
-
-
-def previous_references(out: Run, reference: dict) -> tuple[dict, dict | None]:
-    """What an earlier predict.py on the same data, VQ-VAE, n and seed measured that does not depend on the prior:
-    the real-vs-real and reconstruction C2STs, and the real slices' side of the copy check (None if not there)."""
-    try:
-        previous = out.read_metrics().get("samples", {})
-    except UserError:  # a damaged metrics.json: measure again (update_metrics keeps the damaged one aside)
-        return {}, None
-    if previous.get("c2st_reference") != reference:
-        return {}, None
-    known = {name: previous["c2st"][name] for name in ("real_vs_real", "reconstructions_vs_real")
-             if name in previous.get("c2st", {})}
-    return known, previous.get("nearest_train_ssim", {}).get("real")
-
-
-def copy_check(samples: np.ndarray, real: np.ndarray, config: utils.Config, data_dir: str,
-               known_real: dict | None = None) -> dict:
-    """Nearest-training-slice SSIM of samples and of real held-out slices (`known_real` if measured before):
-    samples are copies if theirs is higher."""
-    train_images = dataset.load_images(dataset.split_files(data_dir, "train"), config.image_size)
-    result = {"samples": utils.summarize(utils.nearest_ssim(samples, train_images)),
-              "real": known_real or utils.summarize(utils.nearest_ssim(real, train_images))}
-    verdict = "not copies" if result["samples"]["mean"] < result["real"]["mean"] else "closer to training slices " \
-        "than real held-out slices are: possibly copies"
-    print(f"copy check, mean SSIM to the nearest training slice: samples {result['samples']['mean']:.3f}, real "
-          f"held-out slices {result['real']['mean']:.3f} ({verdict})")
-    return result
-
-
-def depth_figure(path, test: Split, generated, columns: int = 8, rows: int = 3) -> None:
+def depth_figure(path, test: dataset.Split, generated, columns: int = 8, rows: int = 3) -> None:
     """Slices of the first test subject at `columns` depths, and `rows` samples generated at each of those depths."""
     subject = dataset.SLICE_NAME.match(Path(test.files[0]).name)["subject"]
     mine = np.flatnonzero([Path(f).name.startswith(subject + "_slice_") for f in test.files])

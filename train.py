@@ -9,7 +9,7 @@
     python train.py --resume runs/NAME --stage prior --retrain --prior-layers 12   # train its prior again
 
 Stage 1 trains the VQ-VAE on the images. Stage 2 encodes the train and validation splits into code grids once and
-trains the PixelCNN prior on them. Each stage saves a checkpoint after every epoch (utils.Run lists the files).
+trains the PixelCNN prior on them. Each stage saves a checkpoint after every epoch (run_state.Run lists the files).
 
 Hardware (not part of the run's settings; a resumed run may change it): --devices N trains on N GPUs with
 MirroredStrategy (default: every visible GPU); --mixed-precision computes in bfloat16/float16 with the quantizer,
@@ -38,9 +38,11 @@ with utils.native_stderr_captured() as TENSORFLOW_STARTUP:  # its start-up lines
 
 import dataset
 import modules
-from utils import Config, Run, UserError
+import run_state
+from run_state import Config, Run
+from utils import UserError
 
-STAGES = {"all": utils.STAGES, "vqvae": ("vqvae",), "prior": ("prior",)}  # --stage
+STAGES = {"all": run_state.STAGES, "vqvae": ("vqvae",), "prior": ("prior",)}  # --stage
 PRIOR_SETTINGS = {f.name for f in dataclasses.fields(Config) if f.name.startswith("prior_")}
 
 
@@ -56,9 +58,7 @@ def train(argv: list[str] | None = None) -> Path:
     hardware.check_batches(config)
     print(f"hardware: {hardware.describe()}")
     vqvae_to_train = "vqvae" in stages and (args.retrain or not run.stage("vqvae").finished)
-    # The run's one seed, before anything random is made: tf.data's shuffle also takes TensorFlow's global seed, so
-    # a pipeline made before it was set would shuffle by whatever seed the process had (none, or a previous run's).
-    keras.utils.set_random_seed(config.seed)
+    seed_everything(config.seed)  # before the data pipeline: tf.data's shuffle takes TensorFlow's global seed
     data = load_training_images(config, args.demo) if vqvae_to_train else None  # data errors: before any folder
     try:
         with run.training(config, stages, wait=args.wait):  # makes a new run's folder; one process per run
@@ -78,7 +78,7 @@ def safe_on_disk(run: Run, config: Config) -> str:
     """What an interrupted command leaves: the last completed epoch of each stage."""
     epochs = {"vqvae": config.epochs, "prior": config.prior_epochs}
     done = [f"the {STAGE_LABELS[name]}'s epoch {run.stage(name).epochs_done} of {epochs[name]}"
-            for name in utils.STAGES if run.exists() and run.stage(name).epochs_done]
+            for name in run_state.STAGES if run.exists() and run.stage(name).epochs_done]
     if not done:
         return "no epoch had finished, nothing was kept"
     return " and ".join(done) + (" is" if len(done) == 1 else " are") + " safe on disk"
@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           help="auto (default): bfloat16 on GPUs that support it, float16 on older GPUs, off on CPU")
     hardware.add_argument("--xla", choices=("auto", "on", "off"), default="auto",
                           help="XLA-compile the training step; auto (default): on with one GPU, off otherwise")
-    utils.add_config_arguments(parser)
+    run_state.add_config_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -149,7 +149,7 @@ class Hardware:
         """Each global batch must split evenly over the replicas."""
         for field in ("batch_size", "prior_batch_size"):
             if getattr(config, field) % self.replicas:
-                raise UserError(f"{utils.flag(field)} {getattr(config, field)} does not split evenly over "
+                raise UserError(f"{run_state.flag(field)} {getattr(config, field)} does not split evenly over "
                                 f"{self.replicas} replicas; pass a multiple of {self.replicas} (it is the global "
                                 "batch, shared by the replicas)")
 
@@ -224,14 +224,14 @@ def open_run(args: argparse.Namespace) -> tuple[Run, Config, tuple[str, ...]]:
                         "discards the prior too)")
     may_change = {"data_dir"} | (PRIOR_SETTINGS if stages == ("prior",) and (args.retrain or not prior.epochs_done)
                                  else set())
-    overrides = utils.config_overrides(args)
+    overrides = run_state.config_overrides(args)
     fixed = [name for name in overrides if name not in may_change]
     if fixed:
         reason = ("the prior's settings may change only before it starts or with --retrain"
                   if fixed[0] in PRIOR_SETTINGS else "only --data-dir may change, and the --prior-* settings "
                                                      "of a prior that has not started or is retrained")
         raise UserError(f"--resume continues {run.path} with the settings in its config.json; drop "
-                        f"{utils.flag(fixed[0])} ({reason})")
+                        f"{run_state.flag(fixed[0])} ({reason})")
     if stages == ("prior",) and not run.stage("vqvae").finished:  # (a damaged VQ-VAE is named when it loads)
         raise UserError(f"{run.path} has no trained VQ-VAE yet; finish it first with "
                         f"`python train.py --resume {run.path} --stage vqvae`")
@@ -247,9 +247,9 @@ def new_run(args: argparse.Namespace) -> tuple[Run, Config, tuple[str, ...]]:
         raise UserError("--stage prior trains the prior of an existing run: add --resume runs/NAME")
     if args.retrain:
         raise UserError("--retrain trains the prior of an existing run again: add --resume runs/NAME --stage prior")
-    config = utils.config_from_args(args)
+    config = run_state.config_from_args(args)
     config.validate()
-    run = Run(Path(config.runs_dir) / (config.name or utils.new_run_name()))
+    run = Run(Path(config.runs_dir) / (config.name or run_state.new_run_name()))
     if run.exists():
         raise UserError(f"run folder {run.path} already exists; continue it with `python train.py --resume "
                         f"{run.path}`, or pick another --name")
@@ -284,7 +284,7 @@ def train_vqvae(run: Run, config: Config, hardware: Hardware, data: dict | None,
         print(f"the VQ-VAE of {run.path} is trained already")
         return
     steps_per_epoch = int(np.ceil(data["num_train"] / config.batch_size))
-    model = stage_model(stage, config.epochs, hardware,
+    model = stage_model(stage, config.epochs, hardware, config.seed,
                         lambda dtype, jit: modules.new_vqvae(config, steps_per_epoch, dtype, jit))
     floors = {name: float(np.mean(utils.ssim(data["val_images"], images)))
               for name, images in utils.floor_images(data["val_images"], config.downsample).items()}
@@ -360,7 +360,7 @@ def train_prior(run: Run, config: Config, hardware: Hardware, retrain: bool = Fa
         print(f"retraining the prior of {run.path} from scratch")
         run.discard_stages_from("prior")
     steps_per_epoch = int(np.ceil(len(cached["train"][0]) / config.prior_batch_size))
-    prior = stage_model(stage, config.prior_epochs, hardware,
+    prior = stage_model(stage, config.prior_epochs, hardware, config.seed,
                         lambda dtype, jit: modules.new_prior(config, steps_per_epoch, dtype, jit))
     curves = CurveWriter(stage, [(run.figure("prior_loss"), {"bits_per_code": "train",
                                                              "val_bits_per_code": "validation"},
@@ -435,11 +435,20 @@ def prior_inputs(prior, codes: np.ndarray, positions: np.ndarray | None, vqvae) 
 STAGE_LABELS = {"vqvae": "VQ-VAE", "prior": "prior"}
 
 
-def stage_model(stage: utils.Stage, epochs: int, hardware: Hardware, build):
+def seed_everything(seed: int) -> None:
+    """The one place the run's seed (--seed) is set, for Python, NumPy and the backend: before the data pipeline is
+    made (tf.data's shuffle takes TensorFlow's global seed; a pipeline made before would shuffle by whatever seed
+    the process had, a notebook's previous run's say), and again before a stage's new model is built, so that a
+    stage draws the same initial weights whether it runs after the other stage in one process or on its own."""
+    keras.utils.set_random_seed(seed)
+
+
+def stage_model(stage: run_state.Stage, epochs: int, hardware: Hardware, seed: int, build):
     """The model of a stage on the hardware: its checkpoint when resuming (with the weights, the optimizer state
-    and the precision it started with), else build(dtype, jit_compile)."""
+    and the precision it started with), else build(dtype, jit_compile) from the run's seed."""
     with hardware.strategy.scope():  # variables created here are mirrored on every replica
         if not stage.epochs_done:
+            seed_everything(seed)
             return build(hardware.dtype, hardware.jit_compile)
         model = stage.load_model()
         model.jit_compile = hardware.jit_compile
@@ -506,7 +515,7 @@ class StopOnDivergence(keras.callbacks.Callback):
     `ceiling`, a loss that no model of the stage reaches, trained or not, before anything of that epoch is saved.
     (A learning rate of 1e30 made the prior's loss NaN with one order of batches and 4e29, finite, with another.)"""
 
-    def __init__(self, stage: utils.Stage, flag: str, learning_rate: float, ceiling: float = np.inf):
+    def __init__(self, stage: run_state.Stage, flag: str, learning_rate: float, ceiling: float = np.inf):
         super().__init__()
         self.stage, self.flag, self.learning_rate, self.ceiling = stage, flag, learning_rate, ceiling
         self.epoch = 0
@@ -537,7 +546,7 @@ class CurveWriter(keras.callbacks.Callback):
     watched while it trains. plots: list of (path, {column: label}, y label, title, floors). A resumed stage
     continues the history of its completed epochs, and its curves continue from there."""
 
-    def __init__(self, stage: utils.Stage, plots: list):
+    def __init__(self, stage: run_state.Stage, plots: list):
         super().__init__()
         self.stage, self.plots = stage, plots
         self.history: dict[str, list] = stage.read_history()
@@ -555,7 +564,7 @@ class CurveWriter(keras.callbacks.Callback):
 class Checkpoint(keras.callbacks.Callback):
     """At each epoch end: the model with its optimizer state, then the epoch count (Stage.save_checkpoint)."""
 
-    def __init__(self, stage: utils.Stage):
+    def __init__(self, stage: run_state.Stage):
         super().__init__()
         self.stage = stage
 

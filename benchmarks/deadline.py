@@ -8,12 +8,18 @@ import keras
 
 
 class StopAt(keras.callbacks.Callback):
-    """Stops training at a wall-clock deadline (a time.time() value); counts the steps, and `start` is when the first
-    step ended (its tracing and compiling are not counted as training)."""
+    """Stops training at a wall-clock deadline (a time.time() value), or `seconds` after fit begins; counts the steps,
+    and `start` is when the first step ended (its tracing and compiling are not counted as training)."""
 
-    def __init__(self, deadline: float):
+    def __init__(self, deadline: float | None = None, seconds: float | None = None):
         super().__init__()
-        self.deadline, self.steps, self.start = deadline, 0, None
+        if (deadline is None) == (seconds is None):
+            raise ValueError("StopAt takes a deadline or seconds, one of the two")
+        self.deadline, self.seconds, self.steps, self.start = deadline, seconds, 0, None
+
+    def on_train_begin(self, logs=None):
+        if self.seconds is not None:
+            self.deadline = time.time() + self.seconds
 
     def on_train_batch_end(self, batch, logs=None):
         self.start = self.start or time.perf_counter()

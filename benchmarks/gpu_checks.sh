@@ -11,10 +11,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site KERAS_BACKEND=jax PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import jax, keras; print(jax.__version__, keras.__version__, jax.devices())" >> "$OUT/gpu.txt" 2>&1
-timeout $(( (budget + 60) * $# + 30 )) python3 benchmarks/prior_capacity.py --run "runs/$run" --budget "$budget" \
+timeout $(( (budget + 60) * $# + 30 )) python3 -m benchmarks.prior_capacity --run "runs/$run" --budget "$budget" \
   --sizes "$@" --out "$OUT" > "$OUT/capacity.log" 2>&1
 echo "prior_capacity exit $?"
-timeout 200 python3 benchmarks/jax_train_step.py --dtype mixed_bfloat16 --rounds 2 > "$OUT/jax_train_step.log" 2>&1
+timeout 200 python3 -m benchmarks.jax_train_step --dtype mixed_bfloat16 --rounds 2 > "$OUT/jax_train_step.log" 2>&1
 echo "jax_train_step exit $?"
 tail -n 3 "$OUT/capacity.log" | cut -c 1-600
 tail -n 4 "$OUT/jax_train_step.log"

@@ -3,9 +3,9 @@ scale, on its first pass and from its cache) and the VQ-VAE's training step, in 
 whole epochs of model.fit over the pipeline as train.py runs them, against the same pipeline with tf.data's
 autotuner on (what train.py used before): seconds per epoch, and how long each epoch waited for its first batch.
 
-    python benchmarks/input_pipeline.py                 # the demo preset on the demo set (built if missing)
-    python benchmarks/input_pipeline.py --epochs 4      # + 4 epochs with each pipeline (about 3 minutes here)
-    python benchmarks/input_pipeline.py --oasis --data-dir PATH/TO/OASIS
+    python -m benchmarks.input_pipeline                 # the demo preset on the demo set (built if missing)
+    python -m benchmarks.input_pipeline --epochs 4      # + 4 epochs with each pipeline (about 3 minutes here)
+    python -m benchmarks.input_pipeline --oasis --data-dir PATH/TO/OASIS
 
 The last line is JSON.
 """
@@ -26,14 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import keras
+import tensorflow as tf
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import dataset  # noqa: E402
-import modules  # noqa: E402
-import utils  # noqa: E402
+import dataset
+import modules
+import run_state
 
 
 class FirstBatchWait(keras.callbacks.Callback):
@@ -80,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=0,
                         help="also time this many whole epochs with each pipeline (default 0: skip)")
     args = parser.parse_args(argv)
-    config = utils.Config() if args.oasis else utils.Config(**utils.DEMO_PRESET)
+    config = run_state.Config() if args.oasis else run_state.Config(**run_state.DEMO_PRESET)
     if args.data_dir:
         config = dataclasses.replace(config, data_dir=args.data_dir)
     if not args.oasis and not Path(config.data_dir).exists():

@@ -1,8 +1,8 @@
 """The models of modules.py under Keras 3 with JAX: training steps of the VQ-VAE and the prior at the OASIS preset,
 and the sampler, timed on random arrays. Made for a GPU machine where TensorFlow is not installed.
 
-    KERAS_BACKEND=jax python benchmarks/jax_train_step.py                 # OASIS preset, batch 128 and 32
-    KERAS_BACKEND=jax python benchmarks/jax_train_step.py --dtype mixed_bfloat16
+    KERAS_BACKEND=jax python -m benchmarks.jax_train_step                 # OASIS preset, batch 128 and 32
+    KERAS_BACKEND=jax python -m benchmarks.jax_train_step --dtype mixed_bfloat16
 
 Prints images/s and code grids/s with the estimated seconds per OASIS epoch (9,664 training slices), and the
 seconds to sample 16 code grids of 64x64. Shapes are what matter for speed, so the inputs are random: smooth
@@ -21,15 +21,12 @@ import json
 import platform
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-import modules  # noqa: E402
-import utils  # noqa: E402
+import modules
+import run_state
 
 OASIS_TRAIN_SLICES = 9664
 
@@ -60,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=16, help="code grids sampled at once (0: skip)")
     parser.add_argument("--demo", action="store_true", help="the demo preset's shapes instead (a quick CPU check)")
     args = parser.parse_args(argv)
-    config = utils.Config(**utils.DEMO_PRESET) if args.demo else utils.Config()
+    config = run_state.Config(**run_state.DEMO_PRESET) if args.demo else run_state.Config()
     config = dataclasses.replace(config, batch_size=args.batch, prior_batch_size=args.prior_batch)
     import jax
 

@@ -2,8 +2,8 @@
 TensorFlow. Builds an OASIS-sized demo set in memory (the demo builder, one process per core), trains the
 OASIS-preset VQ-VAE with codebook restarts, encodes the slices, trains the depth-conditioned prior, and samples.
 
-    KERAS_BACKEND=jax python benchmarks/oasis_budget.py --budget 1200          # 300/35/17 subjects, as OASIS
-    KERAS_BACKEND=jax python benchmarks/oasis_budget.py --budget 240 --subjects 6 2 2 --batch-size 16 --samples 2  # CPU check
+    KERAS_BACKEND=jax python -m benchmarks.oasis_budget --budget 1200          # 300/35/17 subjects, as OASIS
+    KERAS_BACKEND=jax python -m benchmarks.oasis_budget --budget 240 --subjects 6 2 2 --batch-size 16 --samples 2  # CPU check
 
 The budget counts from the first training step; --vqvae-share of it goes to the VQ-VAE, the rest to the prior.
 Each stage first times a few steps, then trains a fresh model whose cosine schedule spans exactly the steps that
@@ -27,18 +27,17 @@ import multiprocessing
 import platform
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-import dataset  # noqa: E402
-import modules  # noqa: E402
-import train  # noqa: E402  (its callbacks; TensorFlow is imported only by its hardware set-up, not used here)
-import utils  # noqa: E402
-from deadline import StopAt  # noqa: E402
+import dataset
+import modules
+import predict
+import run_state
+import train  # its callbacks; TensorFlow is imported only by its hardware set-up, not used here
+import utils
+from benchmarks.deadline import StopAt
 
 OASIS_TRAIN_SLICES = 9664
 _TEMPLATE = None
@@ -94,47 +93,6 @@ def timed_steps(build, data, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def compiled_sampler(prior, n: int):
-    """(seconds to compile, sample(condition, temperature=1.0, seed=1) -> (n, H, W) codes drawn from the prior, from
-    logits / temperature, or their argmax at temperature 0). Compiled once: the temperature and seed are arguments.
-    Under JAX the weights enter the compiled function as arguments, not as constants baked into it."""
-    if keras.backend.backend() == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        def sample(values, condition, key, temperature):
-            def draw(logits, position):
-                drawn = jax.random.categorical(jax.random.fold_in(key, position),
-                                               logits / jnp.maximum(temperature, 1e-6))
-                return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1))
-
-            with keras.StatelessScope(state_mapping=list(zip(prior.variables, values))):
-                return prior.sample(n, draw, condition)
-
-        values = [v.value for v in prior.variables]
-        start = time.perf_counter()
-        executable = jax.jit(sample).lower(values, np.zeros((n, prior.num_conditions), "float32"),
-                                           jax.random.key(0), np.float32(1)).compile()
-        return time.perf_counter() - start, lambda condition, temperature=1.0, seed=1: np.asarray(
-            executable(values, condition, jax.random.key(seed), np.float32(temperature)))
-    import tensorflow as tf
-
-    @tf.function
-    def function(condition, temperature, seed):
-        def draw(logits, position):
-            key = tf.stack([seed, tf.cast(position, tf.int32)])
-            drawn = tf.random.stateless_categorical(logits / tf.maximum(temperature, 1e-6), 1, key)[:, 0]
-            return tf.where(temperature > 0, tf.cast(drawn, tf.int32), tf.argmax(logits, -1, output_type=tf.int32))
-
-        return prior.sample(n, draw, condition)
-
-    start = time.perf_counter()
-    function.get_concrete_function(tf.TensorSpec((n, prior.num_conditions), tf.float32),
-                                   tf.TensorSpec((), tf.float32), tf.TensorSpec((), tf.int32))
-    return time.perf_counter() - start, lambda condition, temperature=1.0, seed=1: function(
-        tf.constant(condition, tf.float32), tf.constant(temperature, tf.float32), tf.constant(seed, tf.int32)).numpy()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, required=True, help="seconds of training, both stages together")
@@ -147,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="the VQ-VAE's (default: the OASIS preset's)")
     parser.add_argument("--samples", type=int, default=16, help="grids sampled at once (default 16)")
     args = parser.parse_args(argv)
-    config = utils.Config()
+    config = run_state.Config()
     config = dataclasses.replace(config, **{k: v for k, v in dict(learning_rate=args.learning_rate,
                                                                   batch_size=args.batch_size).items() if v})
     devices = keras.distribution.list_devices()
@@ -211,14 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prior: {prior_rate:,.0f} grids/s ({OASIS_TRAIN_SLICES / prior_rate:.1f} s per OASIS epoch), "
           f"{stop.steps} steps ({stop.steps / prior_steps_per_epoch:.1f} epochs)")
 
-    # Sampling
-    sampler_prior = modules.full_precision(prior)
-    compile_seconds, sampler = compiled_sampler(sampler_prior, args.samples)
-    condition = np.asarray(modules.slice_position_features(np.linspace(0.2, 0.8, args.samples),
-                                                           config.prior_position_frequencies))
+    # Sampling: predict.py's sampler, timed on a first call (compilation included) and a second
+    sample = predict.make_sampler(modules.full_precision(prior), temperature=1.0, seed=config.seed)
+    depths = np.linspace(0.2, 0.8, args.samples)
     start = time.perf_counter()
-    grids = sampler(condition)
+    sample(args.samples, depths)
+    first_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    grids = sample(args.samples, depths, stream=1)
     sample_seconds = time.perf_counter() - start
+    compile_seconds = first_seconds - sample_seconds
     assert grids.shape == (args.samples, config.grid_size, config.grid_size)
     print(f"sampler: compiled in {compile_seconds:.1f} s; {args.samples} grids of {config.grid_size}x"
           f"{config.grid_size} in {sample_seconds:.2f} s")

@@ -2,8 +2,8 @@
 each candidate for the same wall-clock budget on the same slices, each with a cosine schedule over the steps that
 fit, and ranks them by held-out SSIM beside the bilinear x4 floor of the same slices.
 
-    python benchmarks/oasis_preset.py                         # the demo set at 256 px, 300 s per candidate (CPU)
-    KERAS_BACKEND=jax python benchmarks/oasis_preset.py --budget 600 --train-slices 9600 --data-dir PATH
+    python -m benchmarks.oasis_preset                         # the demo set at 256 px, 300 s per candidate (CPU)
+    KERAS_BACKEND=jax python -m benchmarks.oasis_preset --budget 600 --train-slices 9600 --data-dir PATH
 
 On a CPU this ranks candidates after a few thousand images, not after the 30 epochs of a GPU run: a relative
 ranking on the same images, as a guide. The last line is JSON.
@@ -24,16 +24,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-import dataset  # noqa: E402
-import modules  # noqa: E402
-import train  # noqa: E402
-import utils  # noqa: E402
-from deadline import StopAt  # noqa: E402
+import dataset
+import modules
+import run_state
+import train
+import utils
+from benchmarks.deadline import StopAt
 
 CANDIDATES = [  # (batch, learning rate)
     (128, 2e-4), (128, 1e-3), (32, 2e-4), (32, 1e-3), (32, 2e-3),
@@ -42,7 +41,7 @@ CANDIDATES = [  # (batch, learning rate)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default=utils.DEMO_PRESET["data_dir"], help="data (default: the demo set)")
+    parser.add_argument("--data-dir", default=run_state.DEMO_PRESET["data_dir"], help="data (default: the demo set)")
     parser.add_argument("--budget", type=float, default=300, help="seconds of training per candidate (300)")
     parser.add_argument("--train-slices", type=int, default=768, help="training slices used (768)")
     parser.add_argument("--held-out", type=int, default=96, help="validation slices scored (96)")
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
           f"bilinear x4 floor {floor:.4f}; {args.budget:.0f} s per candidate")
     results = []
     for batch, learning_rate in CANDIDATES:
-        config = dataclasses.replace(utils.Config(), batch_size=batch, learning_rate=learning_rate)
+        config = dataclasses.replace(run_state.Config(), batch_size=batch, learning_rate=learning_rate)
         steps_per_epoch = math.ceil(len(train_images) / batch)
         probe = modules.new_vqvae(config, steps_per_epoch)
         probe.fit(train_images[:batch], train_images[:batch], batch_size=batch, verbose=0)  # compile

@@ -2,8 +2,8 @@
 budget on a run's cached code grids, their validation NLL per epoch, and code grids sampled at fixed depths at
 three temperatures. Any backend; made for a GPU machine with JAX and no TensorFlow (the run folder is all it reads).
 
-    KERAS_BACKEND=jax python benchmarks/prior_capacity.py --run runs/NAME --budget 120 --sizes 32x6 128x12k5a1
-    python benchmarks/prior_capacity.py --run runs/NAME --budget 20 --sizes 8x2 --out /tmp/capacity   # CPU check
+    KERAS_BACKEND=jax python -m benchmarks.prior_capacity --run runs/NAME --budget 120 --sizes 32x6 128x12k5a1
+    python -m benchmarks.prior_capacity --run runs/NAME --budget 20 --sizes 8x2 --out /tmp/capacity   # CPU check
 
 A size is CHANNELSxLAYERS, optionally followed by kK (kernel size, default the run's) and aA (attention layers,
 default 0). Every other setting is the run's. Writes into --out: capacity.json (also printed last) and
@@ -29,23 +29,22 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-import modules  # noqa: E402
-import train  # noqa: E402
-import utils  # noqa: E402
-from deadline import StopAt  # noqa: E402
-from oasis_budget import compiled_sampler  # noqa: E402
+import modules
+import predict
+import run_state
+import train
+import utils
+from benchmarks.deadline import StopAt
 
 DEPTHS = np.round(np.linspace(0, 31, 8)) / 31  # the columns of predict.py's depths.png for a 32-slice subject
 TEMPERATURES = (1.0, 0.7, 0.0)
 SIZE = re.compile(r"(\d+)x(\d+)(?:k(\d+))?(?:a(\d+))?$")
 
 
-def parse_size(text: str, config: utils.Config) -> utils.Config:
+def parse_size(text: str, config: run_state.Config) -> run_state.Config:
     match = SIZE.match(text)
     if not match:
         raise SystemExit(f"error: --sizes takes CHANNELSxLAYERS[kKERNEL][aATTENTION] like 128x12k5a1, got {text!r}")
@@ -67,7 +66,7 @@ class ValidationNLL(keras.callbacks.Callback):
                            round(logs["loss"] / math.log(2), 4)])
 
 
-def train_for(config: utils.Config, budget: float, data: dict, vqvae) -> tuple:
+def train_for(config: run_state.Config, budget: float, data: dict, vqvae) -> tuple:
     """(prior trained for `budget` seconds with a cosine schedule over the steps that fit, its summary)."""
     (train_inputs, train_targets), (val_inputs, val_targets) = (
         train.prior_inputs(modules.new_prior(config, 1), *data[split], vqvae) for split in ("train", "validate"))
@@ -89,13 +88,12 @@ def train_for(config: utils.Config, budget: float, data: dict, vqvae) -> tuple:
     return prior, summary
 
 
-def figures(run: utils.Run, folder: Path) -> None:
+def figures(run: run_state.Run, folder: Path) -> None:
     """Decodes capacity_samples.npz of `folder` into one figure per size: real slices, then samples per temperature."""
     import dataset
-    import predict
 
     config, vqvae = run.read_config(), run.load_vqvae()
-    test = predict.Split.load(config.data_dir, "test", config.image_size)
+    test = dataset.Split.load(config.data_dir, "test", config.image_size)
     subject = dataset.slice_subjects(test.files)[0]
     real = [np.flatnonzero((dataset.slice_subjects(test.files) == subject) & np.isclose(test.positions, d))[0]
             for d in DEPTHS]
@@ -122,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="output folder")
     parser.add_argument("--figure", type=Path, metavar="DIR", help="decode DIR/capacity_samples.npz into figures")
     args = parser.parse_args(argv)
-    run = utils.Run.open(args.run)
+    run = run_state.Run.open(args.run)
     if args.figure:
         figures(run, args.figure)
         return 0
@@ -134,19 +132,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {run.path} has no cached code grids; train its prior stage first")
     print(f"Keras {keras.__version__} on {keras.backend.backend()}: {keras.distribution.list_devices()}")
     args.out.mkdir(parents=True, exist_ok=True)
-    n = len(DEPTHS) * args.rows
-    condition = np.asarray(modules.slice_position_features(np.tile(DEPTHS, args.rows),
-                                                           config.prior_position_frequencies))
+    n, depths = len(DEPTHS) * args.rows, np.tile(DEPTHS, args.rows)
     results, grids = {}, {}
     for text in args.sizes:
         sized = parse_size(text, config)
         prior, summary = train_for(sized, args.budget, data, vqvae)
-        compile_seconds, sample = compiled_sampler(prior, n)
         start = time.perf_counter()
-        for temperature in TEMPERATURES:
-            grids[f"{text}_t{temperature}"] = sample(condition, temperature).astype("int16")
-        summary.update(sampler_compile_s=round(compile_seconds, 1),
-                       sample_s_per_temperature=round((time.perf_counter() - start) / len(TEMPERATURES), 2))
+        for temperature in TEMPERATURES:  # predict.py's sampler: compiled once per temperature
+            sample = predict.make_sampler(prior, temperature, config.seed)
+            grids[f"{text}_t{temperature}"] = sample(n, depths).astype("int16")
+        summary["sample_s_per_temperature"] = round((time.perf_counter() - start) / len(TEMPERATURES), 2)
         results[text] = summary
         print(f"{text}: {summary['parameters']:,} parameters, {summary['step_ms']} ms/step, {summary['epochs']} "
               f"epochs in {args.budget:.0f} s: validation NLL {summary['val_bits_per_code']:.3f} bits/code (best "

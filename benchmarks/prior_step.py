@@ -4,10 +4,10 @@ and depth or others, interleaved in rounds so that load from other processes hit
 round counts. Inputs are random code grids, conditions and layouts of the preset's shapes (the step's cost does
 not depend on their values).
 
-    python benchmarks/prior_step.py                                  # demo preset: 1 and 2 levels x float32, bf16
-    python benchmarks/prior_step.py --levels 8 --dtypes float32      # one variant
-    python benchmarks/prior_step.py --levels 8 --dtypes float32 --sizes 32x6 48x10   # this preset and the last
-    KERAS_BACKEND=jax python benchmarks/prior_step.py --oasis --batch 32
+    python -m benchmarks.prior_step                                  # demo preset: 1 and 2 levels x float32, bf16
+    python -m benchmarks.prior_step --levels 8 --dtypes float32      # one variant
+    python -m benchmarks.prior_step --levels 8 --dtypes float32 --sizes 32x6 48x10   # this preset and the last
+    KERAS_BACKEND=jax python -m benchmarks.prior_step --oasis --batch 32
 
 Ratios are to the first variant (the first size, the preset's levels, float32). The last line is JSON.
 """
@@ -24,15 +24,12 @@ import json
 import platform
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-import modules  # noqa: E402
-import utils  # noqa: E402
+import modules
+import run_state
 
 
 def random_batch(prior, batch: int, seed: int = 0) -> tuple:
@@ -69,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds, the best counts (default 3)")
     args = parser.parse_args(argv)
-    config = utils.Config() if args.oasis else utils.Config(**utils.DEMO_PRESET)
+    config = run_state.Config() if args.oasis else run_state.Config(**run_state.DEMO_PRESET)
     batch = args.batch or config.prior_batch_size
     levels = args.levels or [config.prior_layout_levels] + [0] * bool(config.prior_layout_levels)
     sizes = [parse_size(size, parser) for size in args.sizes] if args.sizes else [(config.prior_channels,

@@ -1,11 +1,11 @@
-"""Can the realism test fail? The classifier two-sample test (utils.c2st) that predict.py headlines, run on sets whose
+"""Can the realism test fail? The classifier two-sample test (realism.c2st) that predict.py headlines, run on sets whose
 answer is known: real against real (should be about 0.5), and real against obviously wrong sets (blurred to what
 the code grid's size keeps, pixels shuffled, blank, a blob of the brain's mean shape: should be near 1.0), and
 against real slices smoothed by 0.7 px, which no eye notices and a judge of fine texture should.
 With --run, the run's VQ-VAE reconstructions join the table.
 
-    python benchmarks/realism_check.py                       # the demo set (built if missing), 128 px
-    python benchmarks/realism_check.py --run runs/demo       # + that run's reconstructions
+    python -m benchmarks.realism_check                       # the demo set (built if missing), 128 px
+    python -m benchmarks.realism_check --run runs/demo       # + that run's reconstructions
 
 Real sets: the validation split against the test split (different subjects), as predict.py does. The last line is
 JSON.
@@ -24,19 +24,19 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+from scipy import ndimage
 
-import numpy as np  # noqa: E402
-from scipy import ndimage  # noqa: E402
-
-import dataset  # noqa: E402
-import utils  # noqa: E402
+import dataset
+import realism
+import run_state
+import utils
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default=utils.DEMO_PRESET["data_dir"], help="data (default: the demo set)")
-    parser.add_argument("--image-size", type=int, default=utils.DEMO_PRESET["image_size"])
+    parser.add_argument("--data-dir", default=run_state.DEMO_PRESET["data_dir"], help="data (default: the demo set)")
+    parser.add_argument("--image-size", type=int, default=run_state.DEMO_PRESET["image_size"])
     parser.add_argument("--run", help="a run folder: its VQ-VAE's reconstructions are judged too")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         "the mean brain-shaped blob, plus noise": np.clip(mean_shape[None] + rng.normal(0, 0.05, val.shape), 0, 1),
     }
     if args.run:
-        vqvae = utils.Run.open(args.run).load_vqvae()
+        vqvae = run_state.Run.open(args.run).load_vqvae()
         sets[f"VQ-VAE reconstructions of the validation slices ({args.run})"] = utils.reconstruct(vqvae, val)[0]
     print(f"C2ST against the {len(test)} test slices ({args.data_dir}, {args.image_size} px); 0.5 = cannot be told "
           "apart, 1.0 = always")
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, candidate in sets.items():
         start = time.perf_counter()
         groups = (subjects["validate"], subjects["test"])  # every set here is made from the validation slices
-        result = utils.c2st(candidate, test, groups=groups, seed=args.seed)
+        result = realism.c2st(candidate, test, groups=groups, seed=args.seed)
         results[label] = result
         low, high = result["ci95"]
         print(f"{label:>58}: {result['accuracy']:.3f} [{low:.3f}, {high:.3f}]  ({time.perf_counter() - start:.0f} s)")

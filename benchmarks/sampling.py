@@ -1,8 +1,8 @@
 """Times the project's sampler against the naive per-position `model.predict` loop (as in the Keras PixelCNN
 example), on the same prior weights, grid and batch, in the same run, and prints the ratio.
 
-    python benchmarks/sampling.py                      # a prior of the demo preset's shape, random weights
-    python benchmarks/sampling.py --run runs/NAME      # the trained prior of a run
+    python -m benchmarks.sampling                      # a prior of the demo preset's shape, random weights
+    python -m benchmarks.sampling --run runs/NAME      # the trained prior of a run
 
 The naive loop is timed on the first --naive-rows rows and extrapolated to the whole grid (its cost per position
 does not depend on the position: every call runs the full model). The last line is JSON.
@@ -19,17 +19,14 @@ import json
 import platform
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import keras
+import numpy as np
+import tensorflow_probability as tfp
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow_probability as tfp  # noqa: E402
-
-import modules  # noqa: E402
-import predict  # noqa: E402
-import utils  # noqa: E402
+import modules
+import predict
+import run_state
 
 
 def model_inputs(prior, codes, condition=None):
@@ -59,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.run:
-        prior = utils.Run.open(args.run).stage("prior").load_model(float32=True)
+        prior = run_state.Run.open(args.run).stage("prior").load_model(float32=True)
         source = args.run
     else:
-        config = utils.Config(**utils.DEMO_PRESET)
+        config = run_state.Config(**run_state.DEMO_PRESET)
         keras.utils.set_random_seed(0)
         prior = modules.new_prior(config, steps_per_epoch=1)
         source = "demo preset shape, random weights"

@@ -1,7 +1,7 @@
 """Training speed, and quality per second, of the project's VQ-VAE against the Keras-example architecture.
 
-    python benchmarks/train_throughput.py                # defaults sized for a 2-core CPU (about 8 minutes)
-    python benchmarks/train_throughput.py --batch 128    # the OASIS batch, on a GPU
+    python -m benchmarks.train_throughput                # defaults sized for a 2-core CPU (about 8 minutes)
+    python -m benchmarks.train_throughput --batch 128    # the OASIS batch, on a GPU
 
 (a) Images/s of one training step at 256 px, same batch, same images: the project's OASIS preset with XLA on, the
     same with XLA off, and the Keras example's architecture (keras.io/examples/generative/vq_vae: two stride-2 3x3
@@ -31,17 +31,17 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers, ops
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from keras import layers, ops  # noqa: E402
-
-import dataset  # noqa: E402
-import modules  # noqa: E402
-import train  # noqa: E402
-import utils  # noqa: E402
+import dataset
+import modules
+import run_state
+import train
+import utils
+from benchmarks.deadline import StopAt
 
 
 def keras_example_vqvae(image_size: int, variance: float, num_embeddings: int = 32, embedding_dim: int = 128,
@@ -82,24 +82,8 @@ def images_per_second(models: dict, images: np.ndarray, steps: int, rounds: int)
     return best
 
 
-class StopAfter(keras.callbacks.Callback):
-    """Stops training once `seconds` of wall clock have passed since fit began; counts the steps taken."""
-
-    def __init__(self, seconds: float):
-        super().__init__()
-        self.seconds, self.steps = seconds, 0
-
-    def on_train_begin(self, logs=None):
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.steps += 1
-        if time.perf_counter() - self.start >= self.seconds:
-            self.model.stop_training = True
-
-
 def ssim_after_budget(model, data, test_images: np.ndarray, seconds: float, callbacks=()) -> tuple[float, int]:
-    stop = StopAfter(seconds)
+    stop = StopAt(seconds=seconds)
     model.fit(data, epochs=10_000, callbacks=[stop, *callbacks], verbose=0, shuffle=False)
     recon = np.clip(model.predict(test_images, batch_size=64, verbose=0), 0.0, 1.0)
     return float(np.mean(utils.ssim(test_images, recon))), stop.steps
@@ -111,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="training steps per timed round (default 3)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per model (default 3)")
     parser.add_argument("--budget", type=float, default=120.0, help="training seconds per model in (b) (default 120)")
-    parser.add_argument("--data-dir", default=utils.DEMO_PRESET["data_dir"], help="the demo set (built if missing)")
+    parser.add_argument("--data-dir", default=run_state.DEMO_PRESET["data_dir"], help="the demo set (built if missing)")
     args = parser.parse_args(argv)
     if not Path(args.data_dir).exists():
         dataset.make_demo(args.data_dir)
@@ -120,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine}")
 
     # (a) throughput at 256 px
-    oasis = dataclasses.replace(utils.Config(), batch_size=args.batch)
+    oasis = dataclasses.replace(run_state.Config(), batch_size=args.batch)
     images = dataset.load_images(train_files[:args.batch], oasis.image_size)
     variance = float(np.var(images))
     print(f"(a) training images/s at {oasis.image_size} px, batch {args.batch}, {args.rounds} rounds of "
@@ -134,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     default_xla = "on" if speed["project_xla"] > speed["project_no_xla"] else "off"
 
     # (b) quality after the same budget on the demo set
-    demo = utils.Config(**utils.DEMO_PRESET)
+    demo = run_state.Config(**run_state.DEMO_PRESET)
     data = dataset.make_dataset(train_files, demo.image_size, demo.batch_size, shuffle=True, seed=demo.seed)
     test_images = dataset.load_images(dataset.split_files(args.data_dir, "test"), demo.image_size)
     train_sample = dataset.load_images(train_files[::6], demo.image_size)

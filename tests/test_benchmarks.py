@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def benchmark(name: str, *args: str, backend: str = "tensorflow", expect_json: bool = True) -> dict | None:
-    """Runs benchmarks/NAME.py and returns its last line, the JSON figures (expect_json: else None)."""
+    """Runs `python -m benchmarks.NAME` and returns its last line, the JSON figures (expect_json: else None)."""
     env = {**os.environ, "KERAS_BACKEND": backend}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args], capture_output=True,
                           text=True, timeout=600, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     if not expect_json:

@@ -1,6 +1,8 @@
 """One tiny end-to-end run: train.py writes a complete run folder, predict.py rebuilds everything from it."""
 
+import contextlib
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -12,9 +14,10 @@ from PIL import Image
 
 import dataset
 import predict
+import realism
 import train
 from conftest import TINY
-from utils import Run
+from run_state import Run
 
 pytestmark = pytest.mark.slow  # the module trains one tiny run end to end
 
@@ -61,17 +64,24 @@ def test_config_round_trips_through_json(tiny_run):
     assert run.read_config() == config
 
 
-def test_predict_rebuilds_from_the_run_folder_reports_baselines_and_generates(tiny_run, capsys):
-    assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5", "--realism-draws", "2",
-                         "--realism-diagnostics"]) == 0
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def predicted(tiny_run):
+    """predict.py once on the tiny run, with the realism diagnostics: (what it printed, the metrics it wrote)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5", "--realism-draws", "2",
+                             "--realism-diagnostics"]) == 0
+    return printed.getvalue(), json.loads((tiny_run / "metrics.json").read_text())
+
+
+def test_predict_rebuilds_from_the_run_folder_reports_baselines_and_generates(tiny_run, predicted):
+    out, metrics = predicted
     assert "vqvae" in out and "bilinear_x4" in out and "all_black" in out and "generated 3 brains" in out
     for name in ["ssim_hist.png", "recon_test.png", "samples.png"]:
         assert (tiny_run / name).is_file()
     samples = sorted((tiny_run / "samples").glob("*.png"))
     assert len(samples) == 3
     assert np.asarray(Image.open(samples[0])).shape == (32, 32)
-    metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert "vqvae" in metrics  # the training section is kept
     rec = metrics["reconstruction"]
     assert rec["split"] == "test" and rec["num_images"] == 32
@@ -99,11 +109,11 @@ def test_predict_rebuilds_from_the_run_folder_reports_baselines_and_generates(ti
     assert (tiny_run / "depths.png").is_file()
 
 
-def test_the_realism_references_are_measured_once_per_vqvae(tiny_run, capsys, monkeypatch):
-    first = json.loads((tiny_run / "metrics.json").read_text())["samples"]
+def test_the_realism_references_are_measured_once_per_vqvae(tiny_run, predicted, capsys, monkeypatch):
+    first = predicted[1]["samples"]
     measured = []
-    nearest_ssim = predict.utils.nearest_ssim
-    monkeypatch.setattr(predict.utils, "nearest_ssim", lambda q, p: measured.append(len(q)) or nearest_ssim(q, p))
+    nearest_ssim = realism.nearest_ssim
+    monkeypatch.setattr(realism, "nearest_ssim", lambda q, p: measured.append(len(q)) or nearest_ssim(q, p))
     assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5", "--realism-draws", "2"]) == 0
     assert capsys.readouterr().out.count(", measured before)") == 2  # real vs real, and the reconstructions
     again = json.loads((tiny_run / "metrics.json").read_text())["samples"]
@@ -123,10 +133,13 @@ def test_a_vqvae_saved_before_the_background_setting_decodes_with_the_runs_setti
     assert run.load_vqvae().background == run.read_config().background == 0.02
 
 
-def test_same_seed_same_samples(tiny_run):
-    first = [p.read_bytes() for p in sorted((tiny_run / "samples").glob("*.png"))]
-    assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5", "--realism-samples", "0"]) == 0
-    assert [p.read_bytes() for p in sorted((tiny_run / "samples").glob("*.png"))] == first
+def test_same_seed_same_samples(tiny_run, tmp_path):
+    drawn = []
+    for out in ("a", "b"):
+        assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5", "--realism-samples", "0",
+                             "--out", str(tmp_path / out)]) == 0
+        drawn.append([p.read_bytes() for p in sorted((tmp_path / out / "samples").glob("*.png"))])
+    assert len(drawn[0]) == 3 and drawn[0] == drawn[1]
 
 
 def test_generation_at_given_depths(tiny_run, capsys):
@@ -274,3 +287,15 @@ def test_the_prior_capacity_benchmark_trains_samples_and_draws_its_figure_from_a
             assert saved[key].shape == (8, 8, 8) and 0 <= saved[key].min() and saved[key].max() < 16, key
     benchmark("prior_capacity", "--run", str(tiny_run), "--figure", str(out), expect_json=False)
     assert {p.name for p in out.glob("capacity_*.png")} == {"capacity_8x1.png", "capacity_8x1k5a1.png"}
+
+
+def test_a_run_folder_written_by_the_previous_layout_still_predicts(demo_dir, tmp_path, capsys):
+    """tests/fixtures/run_632aad0: a tiny two-level run trained by commit 632aad0, before utils.py was split into
+    run_state.py and realism.py; its folder must load and predict unchanged."""
+    run = tmp_path / "old"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "run_632aad0", run)
+    assert predict.main(["--run", str(run), "--data-dir", str(demo_dir), "--num-samples", "2",
+                         "--realism-samples", "8", "--realism-draws", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "samples, depths drawn from training" in out and "prior NLL on the test split" in out
+    assert {"reconstruction", "samples", "vqvae", "prior"} <= set(json.loads((run / "metrics.json").read_text()))

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 import modules
+import run_state
 import train
-import utils
 from conftest import BACKEND, compiled
 
 pytestmark = pytest.mark.any_backend
 
-CONFIG = dataclasses.replace(utils.Config(), image_size=32, hidden_channels=8, num_res_blocks=1, num_embeddings=16,
+CONFIG = dataclasses.replace(run_state.Config(), image_size=32, hidden_channels=8, num_res_blocks=1, num_embeddings=16,
                              embedding_dim=4, prior_channels=8, prior_layers=2, prior_kernel_size=3,
                              prior_attention_layers=1, prior_layout_levels=4)  # the prior with all it can have
 

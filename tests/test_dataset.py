@@ -220,6 +220,7 @@ def test_demo_builder_refuses_a_non_empty_folder_and_leaves_it_alone(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
 
 
+@pytest.mark.slow  # trains a run
 @pytest.mark.parametrize("kind", ["rgb", "sixteen_bit"])
 def test_a_folder_of_rgb_or_16_bit_pngs_trains(tmp_path, kind):
     for split, n in [("train", 4), ("validate", 2)]:
@@ -252,7 +253,7 @@ def test_slice_positions_are_depths_within_each_subject():
 @pytest.mark.slow
 def test_names_without_slice_numbers_train_an_unconditional_prior(tmp_path, capsys):
     import predict
-    from utils import Run
+    from run_state import Run
 
     for split, n in [("train", 6), ("validate", 3), ("test", 3)]:
         for i in range(n):

@@ -22,7 +22,7 @@ import train
 import utils
 from conftest import ROOT, TINY, brainish, run_script, write_png
 from test_reliability import check_complete
-from utils import Run
+from run_state import Run
 
 def launch(args, logs: Path, script="train.py", **kwargs) -> subprocess.Popen:
     """The script in its own process, its output into logs/out and logs/err."""
@@ -84,6 +84,7 @@ def test_a_signal_stops_training_in_seconds_with_one_line_and_the_run_resumes(ti
     check_complete(run, 12, 8)
 
 
+@pytest.mark.slow  # trains a run
 def test_a_signal_before_the_first_epoch_leaves_no_run_folder(tiny_args, tmp_path):
     run = tmp_path / "runs" / "early"
     process = launch(tiny_args(tmp_path / "runs", "early", "--epochs", "12"), tmp_path)
@@ -213,6 +214,7 @@ def copy_of(trained, tmp_path):
 QUICK = ["--num-samples", "1", "--realism-samples", "0"]
 
 
+@pytest.mark.slow  # trains a run
 @pytest.mark.parametrize("damage", ["truncated", "empty"])
 def test_a_damaged_checkpoint_is_named_with_the_command_that_retrains_it(copy_of, capsys, damage):
     for stage in ("vqvae", "prior"):
@@ -228,6 +230,7 @@ def test_a_damaged_checkpoint_is_named_with_the_command_that_retrains_it(copy_of
     assert predict.main(["--run", str(copy_of), *QUICK]) == 0
 
 
+@pytest.mark.slow  # trains a run
 def test_a_damaged_vqvae_stops_a_prior_retraining_with_its_name(copy_of, capsys):
     (copy_of / "vqvae.keras").write_bytes(b"PK\x03\x04 not a whole zip")
     before = (copy_of / "prior.keras").read_bytes()
@@ -236,6 +239,7 @@ def test_a_damaged_vqvae_stops_a_prior_retraining_with_its_name(copy_of, capsys)
     assert (copy_of / "prior.keras").read_bytes() == before  # nothing discarded before the failure
 
 
+@pytest.mark.slow  # trains a run
 @pytest.mark.parametrize("name", ["config.json", "progress.json"])
 def test_damaged_json_is_named(copy_of, capsys, name):
     (copy_of / name).write_text('{"image_size": 32, "epo')  # cut off in the middle
@@ -247,6 +251,23 @@ def test_damaged_json_is_named(copy_of, capsys, name):
         assert f"{copy_of / name} is damaged" in one_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("field, value, named", [("num_embeddings", "many", '"num_embeddings" is \'many\''),
+                                                ("prior_layers", 2.5, '"prior_layers" is 2.5'),
+                                                ("downsample", 3, "--downsample must be a power of two")])
+@pytest.mark.slow  # trains a run
+def test_a_config_edited_to_a_wrong_type_or_range_is_named_where_the_run_is_opened(copy_of, capsys, field, value,
+                                                                                  named):
+    config = json.loads((copy_of / "config.json").read_text())
+    (copy_of / "config.json").write_text(json.dumps({**config, field: value}))
+    before = {p.name: p.read_bytes() for p in copy_of.iterdir() if p.is_file()}
+    for main in (lambda: predict.main(["--run", str(copy_of), *QUICK]), lambda: train.main(["--resume", str(copy_of)])):
+        assert main() == 2
+        err = one_line(capsys.readouterr().err)
+        assert f"{copy_of / 'config.json'} has a setting no run can have" in err and named in err, err
+    assert {p.name: p.read_bytes() for p in copy_of.iterdir() if p.is_file()} == before  # nothing re-encoded
+
+
+@pytest.mark.slow  # trains a run
 def test_a_damaged_metrics_file_is_kept_aside_and_begun_anew(copy_of, capsys):
     (copy_of / "metrics.json").write_text("{not json")
     assert predict.main(["--run", str(copy_of), *QUICK]) == 0
@@ -255,6 +276,7 @@ def test_a_damaged_metrics_file_is_kept_aside_and_begun_anew(copy_of, capsys):
     assert {"reconstruction", "samples"} <= set(json.loads((copy_of / "metrics.json").read_text()))
 
 
+@pytest.mark.slow  # trains a run
 @pytest.mark.parametrize("damage", ["wrong shape", "truncated"])
 def test_a_damaged_code_cache_is_encoded_again(copy_of, capsys, damage):
     cache = copy_of / "codes_train.npz"

@@ -6,6 +6,7 @@ import pytest
 
 import modules
 import predict
+import realism
 import utils
 from test_prior import K, make_prior
 
@@ -106,14 +107,14 @@ def test_c2st_cannot_tell_real_from_real_and_always_tells_real_from_wrong():
     slices = np.stack(subjects)[:, ::2, ::8, ::8, None].astype("float32") / 255  # 8 subjects x 16 depths, 32 px
     first, second = slices[:4].reshape(-1, 32, 32, 1), slices[4:].reshape(-1, 32, 32, 1)  # 4 other subjects each
     subject = np.repeat(np.arange(4), 16)
-    same = utils.c2st(first, second, groups=(subject, subject + 4), folds=4, epochs=15, size=32)
+    same = realism.c2st(first, second, groups=(subject, subject + 4), folds=4, epochs=15, size=32)
     assert same["n_per_set"] == 64 and same["grouped"] and same["ci95"][0] < 0.5 < same["ci95"][1]
 
     blurred = utils.downsized(second, 4).repeat(8, axis=1).repeat(8, axis=2)  # 4x4 blocks of 8x8 pixels
-    assert utils.c2st(first, blurred, groups=(subject, subject + 4), folds=4, epochs=15, size=32)["accuracy"] >= 0.9
+    assert realism.c2st(first, blurred, groups=(subject, subject + 4), folds=4, epochs=15, size=32)["accuracy"] >= 0.9
     rng = np.random.default_rng(0)
     shuffled = np.stack([image.reshape(-1)[rng.permutation(image.size)].reshape(image.shape) for image in second])
-    assert utils.c2st(first, shuffled, folds=4, epochs=15, size=32)["accuracy"] >= 0.9
+    assert realism.c2st(first, shuffled, folds=4, epochs=15, size=32)["accuracy"] >= 0.9
 
 
 def test_a_c2st_over_draws_pools_the_draws_judgments():
@@ -123,13 +124,13 @@ def test_a_c2st_over_draws_pools_the_draws_judgments():
     second = rng.random((20, 16, 16, 1)).astype("float32")
     draws = [np.clip(second[rng.permutation(20)] + rng.normal(0, s, second.shape), 0, 1).astype("float32")
              for s in (0.1, 0.3)]
-    pooled = utils.c2st(draws, second, folds=2, epochs=4, size=16, seed=5)
-    alone = [utils.c2st(draw, second, folds=2, epochs=4, size=16, seed=5 + 2 * r)["accuracy"]
+    pooled = realism.c2st(draws, second, folds=2, epochs=4, size=16, seed=5)
+    alone = [realism.c2st(draw, second, folds=2, epochs=4, size=16, seed=5 + 2 * r)["accuracy"]
              for r, draw in enumerate(draws)]
     assert pooled["draws"] == alone and pooled["accuracy"] == pytest.approx(np.mean(alone))
     assert pooled["n_per_set"] == 20 and pooled["groups_per_set"] == [40, 20]  # new samples, the same real images
     subject = np.repeat(np.arange(4), 5)
-    grouped = utils.c2st(draws, second, groups=([subject, subject], subject), folds=2, epochs=4, size=16)
+    grouped = realism.c2st(draws, second, groups=([subject, subject], subject), folds=2, epochs=4, size=16)
     assert grouped["grouped"] and grouped["groups_per_set"] == [4, 4]  # the same subjects in both draws
 
 
@@ -139,20 +140,20 @@ def test_a_reused_judge_judges_as_a_new_one():
     rng = np.random.default_rng(0)
     first = rng.random((24, 16, 16, 1)).astype("float32")
     second = np.clip(first[::-1] + rng.normal(0, 0.2, first.shape), 0, 1).astype("float32")
-    utils._JUDGES.pop(16, None)
-    new = utils.c2st(first, second, epochs=4, size=16, seed=3)  # builds the judge
-    assert 16 in utils._JUDGES
-    utils.c2st(second, first, epochs=4, size=16, seed=9)  # trains it on something else
-    assert utils.c2st(first, second, epochs=4, size=16, seed=3) == new
+    realism._JUDGES.pop(16, None)
+    new = realism.c2st(first, second, epochs=4, size=16, seed=3)  # builds the judge
+    assert 16 in realism._JUDGES
+    realism.c2st(second, first, epochs=4, size=16, seed=9)  # trains it on something else
+    assert realism.c2st(first, second, epochs=4, size=16, seed=3) == new
 
 
 def test_cluster_bootstrap_interval_widens_with_fewer_groups():
     rng = np.random.default_rng(0)
     outcomes = [rng.random(200) < 0.7, rng.random(200) < 0.7]
-    alone = utils.cluster_bootstrap_interval(outcomes, [np.arange(200), np.arange(200)], rng)
+    alone = realism.cluster_bootstrap_interval(outcomes, [np.arange(200), np.arange(200)], rng)
     mean = np.concatenate(outcomes).mean()
     assert alone[0] < mean < alone[1] and alone[1] - alone[0] < 0.12  # about +-1.96 sqrt(0.21 / 400)
     subject = [np.repeat(np.arange(4), 50)] * 2
     alike = [np.repeat(rng.random(4) < 0.7, 50), np.repeat(rng.random(4) < 0.7, 50)]  # a subject judged as one
-    wide = utils.cluster_bootstrap_interval(alike, subject, rng)
+    wide = realism.cluster_bootstrap_interval(alike, subject, rng)
     assert wide[1] - wide[0] > 0.3

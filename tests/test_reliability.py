@@ -15,10 +15,11 @@ import keras
 import numpy as np
 import pytest
 
+import run_state
 import train
 import utils
 from conftest import run_script
-from utils import Run
+from run_state import Run
 
 
 def history(path):
@@ -75,7 +76,7 @@ def test_kill_9_then_resume_continues(tiny_args, tmp_path, stage, after_epochs):
 def test_death_during_a_checkpoint_write_keeps_the_previous_checkpoint(tiny_args, tmp_path, monkeypatch):
     args = tiny_args(tmp_path / "runs", "torn", "--epochs", "3", "--prior-epochs", "1")
     run = tmp_path / "runs" / "torn"
-    real_save = utils.Stage.save_checkpoint
+    real_save = run_state.Stage.save_checkpoint
     calls = []
 
     def dies_halfway_through_the_second_save(stage, model, epochs_done):
@@ -90,14 +91,14 @@ def test_death_during_a_checkpoint_write_keeps_the_previous_checkpoint(tiny_args
             utils.atomic_write(stage.checkpoint, write_half_then_die)
         real_save(stage, model, epochs_done)
 
-    monkeypatch.setattr(utils.Stage, "save_checkpoint", dies_halfway_through_the_second_save)
+    monkeypatch.setattr(run_state.Stage, "save_checkpoint", dies_halfway_through_the_second_save)
     with pytest.raises(KeyboardInterrupt):
         train.main(args)
     assert json.loads((run / "progress.json").read_text())["vqvae"]["epochs_done"] == 1
     Run.open(run).stage("vqvae").load_model()  # epoch 1's checkpoint, whole
     (run / f".vqvae{utils.TEMP_MARK}stale.keras").write_bytes(b"half")  # what a real kill -9 leaves
 
-    monkeypatch.setattr(utils.Stage, "save_checkpoint", real_save)
+    monkeypatch.setattr(run_state.Stage, "save_checkpoint", real_save)
     assert train.main(["--resume", str(run)]) == 0
     check_complete(run, 3, 1)
 
@@ -116,6 +117,7 @@ def test_divergence_is_a_loss_that_is_nan_infinite_or_over_the_ceiling(tmp_path)
         unbounded.on_train_batch_end(0, {"loss": np.nan})
 
 
+@pytest.mark.slow  # trains a run
 def test_diverging_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tiny_args, tmp_path, capsys):
     runs = tmp_path / "runs"
     assert train.main(tiny_args(runs, "nan", "--epochs", "2", "--prior-learning-rate", "1e30")) == 2
@@ -159,6 +161,7 @@ def test_unwritable_output_folder_is_refused_before_any_work(tiny_args, tmp_path
     assert "cannot write run folders" in err and "--runs-dir" in err
 
 
+@pytest.mark.slow  # trains a run
 def test_an_existing_run_is_continued_only_by_resume_with_its_own_settings(tiny_args, tmp_path, capsys):
     assert train.main(tiny_args(tmp_path, "r", "--epochs", "1", "--stage", "vqvae")) == 0
     before = (tmp_path / "r" / "vqvae.keras").read_bytes()

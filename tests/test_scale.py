@@ -15,7 +15,7 @@ import modules
 import predict
 import train
 from conftest import TINY
-from utils import Run
+from run_state import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 
