@@ -7,9 +7,10 @@ from __future__ import annotations
 import keras
 import numpy as np
 from keras import layers
+from scipy import stats
 
 import dataset
-from utils import batched, code_layouts, downsized, nearest_ssim, reconstruct, summarize
+from utils import BRAIN_THRESHOLD, batched, code_layouts, downsized, nearest_ssim, reconstruct, summarize
 
 # The judge and how it is trained: docs/experiments.md ("The realism judge") measured these against the alternatives.
 JUDGE_CHANNELS = (8, 16, 32, 64)  # the judge's four strided convolutions
@@ -72,7 +73,13 @@ def c2st(first, second: np.ndarray, groups: tuple | None = None, folds: int = C2
     same id in two draws is the same group (the same subject judged again).
 
     The 95% interval resamples whole groups (a cluster bootstrap) over all draws: the slices of one subject are
-    judged alike, so a few subjects make a wide interval however many slices or draws they have.
+    judged alike, so a few subjects make a wide interval however many slices or draws they have. "p_value": the
+    chance of an accuracy this high or higher if the judge guessed (each of the n judgments right with probability
+    0.5: binomial, one-sided); it treats judgments as independent, which slices of one subject are not, so read it
+    beside the interval.
+
+    Both sets reach the judge the same way: rounded to 8 bits, as PNG slices are (generated images are floats), then
+    downsized (utils.downsized): a judge must not win on rounding or on a resize filter.
     """
     draws = first if isinstance(first, list) else [first]
     first_ids = groups[0] if groups is not None else None
@@ -87,7 +94,9 @@ def c2st(first, second: np.ndarray, groups: tuple | None = None, folds: int = C2
     outcomes = [np.concatenate([r["correct"][s] for r in results]) for s in (0, 1)]
     ids = [np.unique(np.concatenate([r["labels"][s] for r in results]), return_inverse=True)[1] for s in (0, 1)]
     interval = cluster_bootstrap_interval(outcomes, ids, np.random.default_rng(seed))
-    return {"accuracy": float(np.concatenate(outcomes).mean()), "ci95": interval,
+    judged = np.concatenate(outcomes)
+    return {"accuracy": float(judged.mean()), "ci95": interval,
+            "p_value": float(stats.binom.sf(judged.sum() - 1, judged.size, 0.5)),
             "draws": [float(np.concatenate(r["correct"]).mean()) for r in results],
             "n_per_set": len(results[0]["correct"][0]), "folds": min(r["folds"] for r in results),
             "grouped": groups is not None and all(r["grouped"] for r in results),
@@ -100,7 +109,8 @@ def _judged(first: tuple, second: tuple, folds: int, epochs: int, size: int, see
     rng = np.random.default_rng(seed)
     n, size = min(len(first[0]), len(second[0])), min(size, first[0].shape[1])
     picks = [rng.permutation(len(images))[:n] for images, _ in (first, second)]
-    x = np.concatenate([downsized(s[0][p], size) for s, p in zip((first, second), picks)]).astype("float32")
+    x = np.concatenate([downsized(as_8_bit(s[0][p]), size) for s, p in zip((first, second), picks)]).astype(
+        "float32")
     y = np.repeat([0.0, 1.0], n).astype("float32")
     labels = [s[1][p] for s, p in zip((first, second), picks)]
     ids = [np.unique(label, return_inverse=True)[1] for label in labels]  # each set's groups, numbered from 0
@@ -122,6 +132,27 @@ def _judged(first: tuple, second: tuple, folds: int, epochs: int, size: int, see
         logits = batched(lambda batch: model(batch, training=False), x[test])[:, 0]  # eager: no retracing per fold
         judged[test] = (logits > 0) == (y[test] == 1)
     return {"correct": (judged[:n], judged[n:]), "labels": labels, "grouped": bool(grouped), "folds": folds}
+
+
+def as_8_bit(images: np.ndarray) -> np.ndarray:
+    """Images in [0, 1] rounded to the 256 levels of an 8-bit PNG, as float32: generated images are floats, and so
+    are real slices resized on loading (the demo's 256 px PNGs at 128 px); slices read at their stored size are
+    unchanged."""
+    return (np.round(np.clip(images, 0, 1) * 255) / 255).astype("float32")
+
+
+def interior_shuffled(images: np.ndarray, rng, patch: int = 8) -> np.ndarray:
+    """A known-answer set that mimics blotchy samples: each slice's brain interior cut into patch x patch tiles
+    that lie wholly inside the brain (above utils.BRAIN_THRESHOLD), shuffled among themselves; tiles touching the
+    background stay, so the outline and the intensity histogram are kept, the anatomy is not."""
+    out = np.array(images, copy=True)
+    n, h, w, _ = images.shape
+    for image, shuffled in zip(images, out):
+        tiles = [(i, j) for i in range(0, h - patch + 1, patch) for j in range(0, w - patch + 1, patch)
+                 if (image[i:i + patch, j:j + patch] > BRAIN_THRESHOLD).all()]
+        for (i, j), (a, b) in zip(tiles, [tiles[k] for k in rng.permutation(len(tiles))]):
+            shuffled[i:i + patch, j:j + patch] = image[a:a + patch, b:b + patch]
+    return out
 
 
 def cluster_bootstrap_interval(outcomes: list, ids: list, rng, resamples: int = 2000) -> list[float]:
@@ -195,8 +226,9 @@ def report(judged: dict, test: dataset.Split, seed: int, known: dict) -> dict:
             result = results[name]
             low, high = result["ci95"]
             each = f"draws {' '.join(f'{a:.2f}' for a in result['draws'])}; " if len(result["draws"]) > 1 else ""
+            p = f", p {result['p_value']:.2g}" if "p_value" in result else ""  # older metrics.json have none
             print(f"{LABELS[name]:>46}  accuracy {result['accuracy']:.3f}  [{low:.3f}, {high:.3f}]  ({each}"
-                  f"{result['n_per_set']} per set{', measured before' if name in known else ''})")
+                  f"{result['n_per_set']} per set{p}{', measured before' if name in known else ''})")
     return results
 
 
@@ -205,7 +237,7 @@ def reference(n: int, draws: int, seed: int, data_dir: str, vqvae_stamp: list) -
     the VQ-VAE and the judge. Another of any of these: they are measured anew."""
     return {"n": n, "draws": draws, "seed": seed, "data_dir": str(data_dir), "vqvae": vqvae_stamp,
             "judge": {"channels": list(JUDGE_CHANNELS), "folds": C2ST_FOLDS, "epochs": C2ST_EPOCHS,
-                      "size": C2ST_SIZE}}
+                      "size": C2ST_SIZE, "input": "8-bit"}}
 
 
 def previous_references(previous: dict, reference: dict) -> tuple[dict, dict | None]:

@@ -109,9 +109,11 @@ def test_c2st_cannot_tell_real_from_real_and_always_tells_real_from_wrong():
     subject = np.repeat(np.arange(4), 16)
     same = realism.c2st(first, second, groups=(subject, subject + 4), folds=4, epochs=15, size=32)
     assert same["n_per_set"] == 64 and same["grouped"] and same["ci95"][0] < 0.5 < same["ci95"][1]
+    assert same["p_value"] > 0.01  # a guessing judge's accuracy is not significant
 
     blurred = utils.downsized(second, 4).repeat(8, axis=1).repeat(8, axis=2)  # 4x4 blocks of 8x8 pixels
-    assert realism.c2st(first, blurred, groups=(subject, subject + 4), folds=4, epochs=15, size=32)["accuracy"] >= 0.9
+    told = realism.c2st(first, blurred, groups=(subject, subject + 4), folds=4, epochs=15, size=32)
+    assert told["accuracy"] >= 0.9 and told["p_value"] < 1e-20  # 128 judgments, at least 116 right
     rng = np.random.default_rng(0)
     shuffled = np.stack([image.reshape(-1)[rng.permutation(image.size)].reshape(image.shape) for image in second])
     assert realism.c2st(first, shuffled, folds=4, epochs=15, size=32)["accuracy"] >= 0.9
@@ -157,3 +159,37 @@ def test_cluster_bootstrap_interval_widens_with_fewer_groups():
     alike = [np.repeat(rng.random(4) < 0.7, 50), np.repeat(rng.random(4) < 0.7, 50)]  # a subject judged as one
     wide = realism.cluster_bootstrap_interval(alike, subject, rng)
     assert wide[1] - wide[0] > 0.3
+
+
+def test_the_p_value_is_the_binomial_tail_of_the_judgments():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    first, second = rng.random((40, 16, 16, 1)), rng.random((40, 16, 16, 1))
+    result = realism.c2st(first, second, folds=2, epochs=2, size=16)
+    right = round(result["accuracy"] * 80)  # 40 judged in each set
+    assert result["p_value"] == pytest.approx(sum(stats.binom.pmf(k, 80, 0.5) for k in range(right, 81)))
+
+
+def test_images_reach_the_judge_as_8_bit_pngs_do():
+    images = np.array([0.0, 0.5, 1 / 255 + 1e-4, 1.2, -0.1], "float32").reshape(1, 5, 1, 1)
+    levels = np.array([0, 128, 1, 255, 0], "float32") / np.float32(255)
+    np.testing.assert_array_equal(realism.as_8_bit(images).ravel(), levels)
+    real = (np.arange(256, dtype="float32") / np.float32(255)).reshape(1, 16, 16, 1)  # as dataset.load_images reads
+    np.testing.assert_array_equal(realism.as_8_bit(real), real)  # slices read at their stored size: unchanged
+
+
+def test_interior_shuffled_slices_keep_outline_and_intensities_and_lose_the_anatomy():
+    import dataset
+
+    template = dataset.mni152_template()
+    volume = dataset.demo_subject(*template, np.random.default_rng([3, 0]))[0]  # (32, 256, 256) uint8
+    slices = volume[8:24:4, ::2, ::2, None].astype("float32") / 255  # 4 mid-depth slices at 128 px
+    shuffled = realism.interior_shuffled(slices, np.random.default_rng(0))
+    brain = slices > utils.BRAIN_THRESHOLD
+    np.testing.assert_array_equal(shuffled > utils.BRAIN_THRESHOLD, brain)  # the outline, exactly
+    np.testing.assert_array_equal(shuffled[~brain], slices[~brain])  # the background untouched
+    for before, after in zip(slices, shuffled):
+        np.testing.assert_array_equal(np.sort(after.ravel()), np.sort(before.ravel()))  # the same intensities
+        moved = np.mean(after[before > utils.BRAIN_THRESHOLD] != before[before > utils.BRAIN_THRESHOLD])
+        assert moved > 0.5  # most of the brain's pixels are somewhere else
