@@ -3,6 +3,10 @@
 # missing dependencies come as wheels in .whl/, a trained demo run as runs/RUN. Every step is bounded in time and
 # writes straight into $OUT.
 #   bash benchmarks/gpu_checks.sh RUN PRIOR_BUDGET_S SIZE...
+# The wheels, fetched here (pip download --no-deps --only-binary=:all: --python-version 3.12 --platform
+# manylinux_2_28_x86_64 -d .whl keras==3.15.1 namex optree, .whl/ excluded from git); the run: a copy of a trained
+# demo run's config.json, progress.json, vqvae.keras and codes_*.npz. 2026-12-04: `gpu 75 32x6 128x12k5 128x12k5a2`
+# (docs/experiments.md).
 set -u
 run=$1 budget=$2
 shift 2
