@@ -44,3 +44,15 @@ def test_the_prior_step_benchmark_times_one_and_two_levels_at_two_sizes():
     assert list(figures["ms_per_step"]) == [f"{size}, {levels} levels, float32" for size in ("8x2", "16x1")
                                             for levels in (4, 0)]
     assert all(ms > 0 for ms in figures["ms_per_step"].values()) and figures["grid"] == [32, 32]
+
+
+@pytest.mark.slow
+def test_the_realism_check_reports_every_known_answer_with_its_interval_and_p_value(demo_dir):
+    figures = benchmark("realism_check", "--data-dir", str(demo_dir), "--image-size", "32")
+    known = {"real", "bilinear", "smoothed", "interior_shuffled", "pixels_shuffled", "blank", "blob"}
+    assert set(figures["known"]) == set(figures["ci95"]) == set(figures["p_value"]) == known
+    assert figures["n_per_set"] == 32  # the tiny demo set's one validation and one test subject
+    for key in known:
+        low, high = figures["ci95"][key]
+        assert 0 <= low <= figures["known"][key] <= high <= 1 and 0 <= figures["p_value"][key] <= 1
+    assert figures["known"]["blank"] >= 0.9 and figures["p_value"]["blank"] < 1e-6  # obviously wrong: told apart
