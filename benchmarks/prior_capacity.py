@@ -32,6 +32,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+import dataset
 import modules
 import predict
 import run_state
@@ -68,11 +69,11 @@ class ValidationNLL(keras.callbacks.Callback):
 
 def train_for(config: run_state.Config, budget: float, data: dict, vqvae) -> tuple:
     """(prior trained for `budget` seconds with a cosine schedule over the steps that fit, its summary)."""
-    (train_inputs, train_targets), (val_inputs, val_targets) = (
-        train.prior_inputs(modules.new_prior(config, 1), *data[split], vqvae) for split in ("train", "validate"))
     steps_per_epoch = math.ceil(len(data["train"][0]) / config.prior_batch_size)
     fit = dict(batch_size=config.prior_batch_size, verbose=0)
-    probe = modules.new_prior(config, steps_per_epoch, jit_compile=True)
+    probe = modules.new_prior(config, steps_per_epoch, jit_compile=True)  # times the step; shapes the inputs
+    (train_inputs, train_targets), (val_inputs, val_targets) = (
+        train.prior_inputs(probe, *data[split], vqvae) for split in ("train", "validate"))
     probe.fit(train_inputs, train_targets, epochs=1, steps_per_epoch=1, **fit)
     start = time.perf_counter()
     probe.fit(train_inputs, train_targets, epochs=1, steps_per_epoch=5, **fit)
@@ -90,13 +91,11 @@ def train_for(config: run_state.Config, budget: float, data: dict, vqvae) -> tup
 
 def figures(run: run_state.Run, folder: Path) -> None:
     """Decodes capacity_samples.npz of `folder` into one figure per size: real slices, then samples per temperature."""
-    import dataset
-
     config, vqvae = run.read_config(), run.load_vqvae()
     test = dataset.Split.load(config.data_dir, "test", config.image_size)
-    subject = dataset.slice_subjects(test.files)[0]
-    real = [np.flatnonzero((dataset.slice_subjects(test.files) == subject) & np.isclose(test.positions, d))[0]
-            for d in DEPTHS]
+    subjects = test.subjects()
+    subject = subjects[0]
+    real = [np.flatnonzero((subjects == subject) & np.isclose(test.positions, d))[0] for d in DEPTHS]
     with np.load(folder / "capacity_samples.npz") as saved:
         grids = {key: saved[key] for key in saved.files if key not in ("depths", "rows")}
     columns = len(DEPTHS)
