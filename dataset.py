@@ -55,6 +55,44 @@ def find_splits(data_dir: str | Path) -> dict[str, Path]:
                     "(as OASIS is distributed) or train/ validate/ test/, here or one folder below")
 
 
+def tissue_files(files: list[str]) -> list[str] | None:
+    """The segmentation of each slice in `files`, as OASIS ships them beside the slices: keras_png_slices_seg_SPLIT/
+    seg_XXX_slice_N.nii.png for keras_png_slices_SPLIT/case_XXX_slice_N.nii.png. None when any is missing (data
+    without segmentations: no tissue report)."""
+    found = []
+    for path in map(Path, files):
+        folder = path.parent.with_name(path.parent.name.replace("keras_png_slices_", "keras_png_slices_seg_", 1))
+        seg = folder / path.name.replace("case_", "seg_", 1)
+        if folder == path.parent or not seg.is_file():
+            return None
+        found.append(str(seg))
+    return found
+
+
+TISSUE_LEVELS = (0, 85, 170, 255)  # background, CSF, gray, white matter in the OASIS segmentations
+
+
+def load_tissue(files: list[str], image_size: int) -> np.ndarray:
+    """Segmentation PNGs -> (N, image_size, image_size) uint8 classes 0..3 (modules.TISSUES): each pixel's nearest
+    of the OASIS levels 0/85/170/255, resized by nearest neighbour (labels must not blend)."""
+    from PIL import Image
+
+    levels = np.array(TISSUE_LEVELS)
+    out = np.empty((len(files), image_size, image_size), np.uint8)
+    for i, path in enumerate(files):
+        try:
+            with Image.open(path) as image:
+                image = image.convert("L")
+                if image.size != (image_size, image_size):
+                    image = image.resize((image_size, image_size), Image.NEAREST)
+                values = np.asarray(image, np.int16)
+        except OSError as error:
+            raise UserError(f"cannot read {path} as a segmentation PNG ({error}); remove or replace the file") \
+                from None
+        out[i] = np.abs(values[..., None] - levels).argmin(-1)
+    return out
+
+
 def split_files(data_dir: str | Path, split: str) -> list[str]:
     """The sorted PNG paths of one split; a UserError if the split is missing or empty."""
     splits = find_splits(data_dir)
@@ -181,6 +219,11 @@ class Split:
     def load(cls, data_dir: str, name: str, image_size: int) -> "Split":
         files = split_files(data_dir, name)
         return cls(name, files, load_images(files, image_size), slice_positions(files))
+
+    def tissue(self) -> np.ndarray | None:
+        """The split's tissue labels (load_tissue), or None when the data has no segmentations."""
+        files = tissue_files(self.files)
+        return None if files is None else load_tissue(files, self.images.shape[1])
 
     def subjects(self) -> np.ndarray:
         """Each slice's subject; a slice of its own where the names carry no subject."""

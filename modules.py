@@ -804,6 +804,61 @@ def slice_position_features(positions, frequencies: int):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The tissue segmenter: what the tissue report (realism.py) reads generated slices with
+# ---------------------------------------------------------------------------------------------------------------
+
+TISSUES = ("background", "csf", "gray", "white")  # the classes of the OASIS segmentations (0/85/170/255)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TissueSegmenter(keras.Model):
+    """A small U-Net (Ronneberger et al. 2015) that labels each pixel of a slice as background, CSF, gray or white
+    matter. Each level: two 3x3 convolutions; down by max-pooling, up by nearest upsampling and a concatenation with
+    the level's encoder features, so the labels keep the image's resolution (the cortical ribbon is 2-3 px wide).
+
+        images (N, S, S, 1) -> logits (N, S, S, 4)    (S divisible by 2 ** (len(channels) - 1))
+    """
+
+    def __init__(self, channels=(8, 16, 32), **kwargs):
+        super().__init__(**kwargs)
+        _check_positive(levels=len(channels), **{f"channels[{i}]": c for i, c in enumerate(channels)})
+        self.channels = tuple(int(c) for c in channels)
+        conv = dict(kernel_size=3, padding="same", activation="relu", dtype=self.dtype_policy)
+        self.down = [[layers.Conv2D(c, **conv), layers.Conv2D(c, **conv)] for c in self.channels]
+        self.up = [[layers.Conv2D(c, **conv), layers.Conv2D(c, **conv)] for c in self.channels[-2::-1]]
+        self.logits = layers.Conv2D(len(TISSUES), 1, dtype="float32")
+
+    def build(self, input_shape):
+        n, size = input_shape[0], input_shape[1]
+        shape, skips = tuple(input_shape), []
+        for level, pair in enumerate(self.down):
+            _build_chain(pair, shape)
+            shape = (n, size >> level, size >> level, self.channels[level])
+            skips.append(shape)
+            shape = (n, size >> (level + 1), size >> (level + 1), self.channels[level])
+        shape = skips.pop()
+        for pair, skip in zip(self.up, reversed(skips)):
+            _build_chain(pair, (*skip[:3], skip[3] + shape[3]))
+            shape = (*skip[:3], pair[-1].filters)
+        self.logits.build(shape)
+
+    def call(self, images):
+        x, skips = images, []
+        for level, (first, second) in enumerate(self.down):
+            x = second(first(x))
+            if level < len(self.down) - 1:
+                skips.append(x)
+                x = ops.max_pool(x, 2, 2)
+        for (first, second), skip in zip(self.up, reversed(skips)):
+            x = ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2)  # (N, 2h, 2w, C): back to the skip's size
+            x = second(first(ops.concatenate([skip, ops.cast(x, skip.dtype)], axis=-1)))
+        return self.logits(x)
+
+    def get_config(self):
+        return {**super().get_config(), "channels": list(self.channels)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Builders: the models of a configuration (run_state.Config), used by train.py, predict.py and the benchmarks alike
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -840,6 +895,38 @@ def new_prior(config, steps_per_epoch: int, dtype: str = "float32", jit_compile:
         loss = dict(loss=cross_entropy)
     prior.compile(optimizer=keras.optimizers.Adam(schedule), **loss, jit_compile=jit_compile)
     return prior
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class WeightedCrossEntropy(keras.losses.Loss):
+    """Sparse categorical cross-entropy from logits with a weight per class: CSF is a few percent of a slice, and
+    unweighted a small segmenter never learns to call it (Dice 0 after minutes)."""
+
+    def __init__(self, class_weights, **kwargs):
+        super().__init__(**kwargs)
+        self.class_weights = [float(w) for w in class_weights]
+
+    def call(self, y_true, y_pred):
+        y_true = ops.cast(y_true, "int32")
+        per_pixel = ops.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+        return per_pixel * ops.take(ops.convert_to_tensor(self.class_weights, per_pixel.dtype), y_true)
+
+    def get_config(self):
+        return {**super().get_config(), "class_weights": self.class_weights}
+
+
+def new_segmenter(config, steps_per_epoch: int, class_weights=None, dtype: str = "float32",
+                  jit_compile: bool = False) -> TissueSegmenter:
+    """The tissue segmenter of a config, built and compiled for training on (slice, tissue label) pairs;
+    class_weights: one per class of TISSUES (default: equal)."""
+    halvings = min(2, (config.image_size & -config.image_size).bit_length() - 1)  # as often as the size halves
+    model = TissueSegmenter([config.segmenter_channels * 2 ** level for level in range(halvings + 1)], dtype=dtype)
+    model.build((None, config.image_size, config.image_size, 1))
+    schedule = cosine_schedule(config.segmenter_learning_rate, config.segmenter_epochs, steps_per_epoch)
+    model.compile(optimizer=keras.optimizers.Adam(schedule),
+                  loss=WeightedCrossEntropy(class_weights or [1.0] * len(TISSUES)),
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")], jit_compile=jit_compile)
+    return model
 
 
 def full_precision(model):

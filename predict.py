@@ -10,8 +10,11 @@ Everything is rebuilt from the run folder alone (config.json, vqvae.keras, prior
     ssim_hist.png, recon_SPLIT.png     reconstruction SSIM per slice and a grid, beside the trivial floors
     samples.png, samples/*.png         generated slices (when the run has a prior)
     depths.png                         real and generated slices at the same depths (a depth-conditioned prior)
+    anatomy.png                        the tissue report: where CSF, gray and white matter lie and what shape they
+                                       take in samples and in real slices, per depth band (a run with a segmenter)
     metrics.json                       `reconstruction` and `samples` sections; the samples' headline is the
                                        realism test (C2ST accuracy: 0.5 means a CNN cannot tell them from real)
+                                       and their tissue report (samples.anatomy: errors beside real-vs-real's)
 """
 
 from __future__ import annotations
@@ -110,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"times the realism test draws new samples and new judges; its accuracy is over all "
                              f"of them (default {realism.DRAWS}: one draw moves by about 0.1 with the seed; 0 skips "
                              "the test)")
+    parser.add_argument("--no-realism", action="store_true",
+                        help="skip the realism test and the tissue report (samples and figures only)")
     parser.add_argument("--realism-diagnostics", action="store_true",
                         help="also judge the VQ-VAE's reconstructions of the real slices (what a perfect prior "
                              "would reach; measured once per VQ-VAE) and, with a two-level prior, codes drawn given "
@@ -280,7 +285,7 @@ def judged(run: Run, out: Run, config: run_state.Config, vqvae, prior, generated
     measured once, then read from metrics.json."""
     real, test = held_out["validate"], held_out["test"]
     n, draws = min(args.realism_samples, len(real.images), len(test.images)), args.realism_draws
-    if not (n and draws):
+    if args.no_realism or not (n and draws):
         return {}
     stamp = run.stage("vqvae").checkpoint.stat()  # a retrained VQ-VAE has another size or time
     reference = realism.reference(n, draws, seed, data_dir, [stamp.st_size, stamp.st_mtime_ns])
@@ -289,14 +294,37 @@ def judged(run: Run, out: Run, config: run_state.Config, vqvae, prior, generated
     except UserError:  # a damaged metrics.json: measure again (update_metrics keeps the damaged one aside)
         previous = {}
     known, known_copy = realism.previous_references(previous, reference)
-    results, real_images, samples = realism.judge_samples(
+    results, real_images, samples, at_depths = realism.judge_samples(
         generated, real, test, n, draws, seed, known, depths, vqvae, prior.layout_levels, args.realism_diagnostics)
     train_images = dataset.load_images(dataset.split_files(data_dir, "train"), config.image_size)
     every_sample, every_real = np.concatenate(samples), np.concatenate(real_images)
-    return {"c2st": results, "c2st_reference": reference,
-            "nearest_train_ssim": realism.copy_check(samples[0], real_images[0], train_images, known_copy),
-            "brain_fraction": {"samples": utils.summarize(utils.brain_fraction(every_sample)),
-                               "real": utils.summarize(utils.brain_fraction(every_real))}}
+    section = {"c2st": results, "c2st_reference": reference,
+               "nearest_train_ssim": realism.copy_check(samples[0], real_images[0], train_images, known_copy),
+               "brain_fraction": {"samples": utils.summarize(utils.brain_fraction(every_sample)),
+                                  "real": utils.summarize(utils.brain_fraction(every_real))}}
+    anatomy = tissue_report(run, out, at_depths, real, test, n, draws, seed)
+    if anatomy:
+        section["anatomy"] = anatomy
+    return section
+
+
+def tissue_report(run: Run, out: Run, at_depths: tuple | None, real: dataset.Split, test: dataset.Split, n: int,
+                  draws: int, seed: int) -> dict:
+    """realism.tissue_report of the samples drawn at the validation slices' depths, and anatomy.png; {} (with a
+    line saying why) without a segmenter or without depths."""
+    if not run.stage("segmenter").finished:
+        print(f"no tissue report: {run.path} has no tissue segmenter (`python train.py --resume {run.path} --stage "
+              "segmenter`, where the data has keras_png_slices_seg_* folders)")
+        return {}
+    if at_depths is None or test.positions is None:
+        print("no tissue report: the slices' names carry no depths to compare them by")
+        return {}
+    picks = np.concatenate([np.random.default_rng([seed, r]).permutation(len(real.images))[:n] for r in range(draws)])
+    segmenter = run.stage("segmenter").load_model(float32=True)
+    section, stats = realism.tissue_report(segmenter, at_depths, (real.images[picks], real.positions[picks]),
+                                           (test.images, test.positions), test.tissue())
+    utils.plot_anatomy(out.figure("anatomy"), stats, at_depths, realism.TISSUES, realism.BANDS)
+    return section
 
 
 def likelihood(prior, vqvae, split: dataset.Split, split_codes: np.ndarray, config: run_state.Config) -> dict:

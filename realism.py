@@ -7,9 +7,10 @@ from __future__ import annotations
 import keras
 import numpy as np
 from keras import layers
-from scipy import stats
+from scipy import ndimage, stats
 
 import dataset
+import modules
 from utils import BRAIN_THRESHOLD, batched, code_layouts, downsized, nearest_ssim, reconstruct, summarize
 
 # The judge and how it is trained: docs/experiments.md ("The realism judge") measured these against the alternatives.
@@ -184,7 +185,8 @@ def judge_samples(generated, real: dataset.Split, test: dataset.Split, n: int, d
     draws of n. generated(n, positions, stream, layouts) -> decoded samples; depths.draw(n) -> depths to sample at
     (None: an unconditioned prior). `known`: results measured before (real vs real, reconstructions), not measured
     again. diagnostics: also the VQ-VAE's reconstructions (`vqvae`) and, with two levels, codes given real layouts.
-    Returns (results by set, the real slices judged (one array per draw), the first draw's samples)."""
+    Returns (results by set, the real slices judged (one array per draw), the first draw's samples, and the samples
+    at the real slices' depths with those depths (all draws together; None without depths))."""
     picks = [np.random.default_rng([seed, r]).permutation(len(real.images))[:n] for r in range(draws)]
     subjects = real.subjects()
     real_images, real_subjects = [real.images[p] for p in picks], [subjects[p] for p in picks]
@@ -204,12 +206,14 @@ def judge_samples(generated, real: dataset.Split, test: dataset.Split, n: int, d
         judged["reconstructions_vs_real"] = ([reconstruct(vqvae, images)[0] for images in real_images],
                                              real_subjects)
     real_depths = [real.positions[p] for p in picks] if depths is not None and real.positions is not None else None
+    at_depths = None
     if real_depths is not None:
         judged["samples_at_real_depths_vs_real"] = (drawn(2, real_depths), None)
+        at_depths = np.concatenate(judged["samples_at_real_depths_vs_real"][0]), np.concatenate(real_depths)
     if diagnostics and layout_levels:  # which level falls short: codes given real layouts
         layouts = [code_layouts(vqvae, batched(vqvae.encode, images), layout_levels) for images in real_images]
         judged["samples_given_real_layouts_vs_real"] = (drawn(3, real_depths, layouts), None)
-    return report(judged, test, seed, known), real_images, samples
+    return report(judged, test, seed, known), real_images, samples, at_depths
 
 
 def report(judged: dict, test: dataset.Split, seed: int, known: dict) -> dict:
@@ -260,3 +264,117 @@ def copy_check(samples: np.ndarray, real: np.ndarray, train_images: np.ndarray, 
     print(f"copy check, mean SSIM to the nearest training slice: samples {result['samples']['mean']:.3f}, real "
           f"held-out slices {result['real']['mean']:.3f} ({verdict})")
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tissue report: where the tissues of generated slices lie and what shape they take, against real slices
+# ---------------------------------------------------------------------------------------------------------------
+
+TISSUES = modules.TISSUES[1:]  # csf, gray, white: the classes 1, 2, 3 of a label map (0 is background)
+BANDS = 5  # depth bands of the report: 0-0.2 (temporal lobes, cerebellum) ... 0.8-1.0 (the upper cortex)
+MIN_PIECE = 4  # pixels: smaller pieces of a tissue are speckle of the segmenter, not anatomy; not counted
+SHAPES = ("pieces", "largest", "boundary")  # the per-slice shape statistics (tissue_statistics)
+
+
+def segment(segmenter, images: np.ndarray) -> np.ndarray:
+    """(N, S, S, 1) slices -> (N, S, S) uint8 tissue classes, the segmenter's most likely per pixel."""
+    return batched(lambda batch: keras.ops.argmax(segmenter(batch), axis=-1), images).astype(np.uint8)
+
+
+def dice(predicted: np.ndarray, true: np.ndarray) -> dict:
+    """Dice overlap 2|A n B| / (|A| + |B|) of each tissue, over all the slices together."""
+    return {tissue: float(2 * np.sum((predicted == c) & (true == c)) / max(np.sum(predicted == c) + np.sum(true == c), 1))
+            for c, tissue in enumerate(TISSUES, start=1)}
+
+
+def shape_of(labels: np.ndarray) -> dict:
+    """One slice's tissue shape: for each tissue the number of its connected pieces (4-connected, of at least
+    MIN_PIECE px) and its largest piece as a share of the brain; and the share of brain pixels on a tissue
+    boundary (a 4-neighbour of another class). A blotchy interior breaks white matter into many pieces."""
+    brain = max(int(np.sum(labels > 0)), 1)
+    result = {}
+    for c, tissue in enumerate(TISSUES, start=1):
+        pieces, count = ndimage.label(labels == c)
+        sizes = np.bincount(pieces.ravel())[1:]
+        result[f"{tissue}_pieces"] = int(np.sum(sizes >= MIN_PIECE))
+        result[f"{tissue}_largest"] = float(sizes.max() / brain) if count else 0.0
+    edge = np.zeros(labels.shape, bool)
+    edge[:-1] |= labels[:-1] != labels[1:]
+    edge[1:] |= labels[:-1] != labels[1:]
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    edge[:, 1:] |= labels[:, :-1] != labels[:, 1:]
+    result["boundary"] = float(np.sum(edge & (labels > 0)) / brain)
+    return result
+
+
+def tissue_statistics(images: np.ndarray, labels: np.ndarray, positions: np.ndarray) -> list[dict | None]:
+    """Per depth band (BANDS of [0, 1]): the slices' mean tissue fractions of the brain, mean intensity of each
+    tissue (gray/white contrast), mean tissue maps (the share of slices with that tissue at each pixel) and the
+    per-slice shape statistics (shape_of), as lists; None for a band without slices."""
+    band = np.minimum((np.asarray(positions) * BANDS).astype(int), BANDS - 1)
+    bands = []
+    for b in range(BANDS):
+        mine = np.flatnonzero(band == b)
+        if not len(mine):
+            bands.append(None)
+            continue
+        lab, img = labels[mine], images[mine, ..., 0]
+        brain = np.maximum(np.sum(lab > 0, axis=(1, 2)), 1)
+        shapes = [shape_of(l) for l in lab]
+        bands.append({
+            "slices": len(mine),
+            "fraction": {t: float(np.mean(np.sum(lab == c, axis=(1, 2)) / brain)) for c, t in enumerate(TISSUES, 1)},
+            "intensity": {t: float(img[lab == c].mean()) if np.any(lab == c) else 0.0
+                          for c, t in enumerate(TISSUES, 1)},
+            "maps": np.stack([np.mean(lab == c, axis=0) for c in range(len(TISSUES) + 1)]),  # (4, S, S)
+            "shapes": {key: [s[key] for s in shapes] for key in shapes[0]}})
+    return bands
+
+
+def tissue_errors(generated: list, real: list) -> dict:
+    """How far the tissue statistics of one set lie from another's, over the bands both have:
+    tissue_fraction_error, the mean absolute difference of the tissue fractions (over bands and tissues);
+    tissue_map_error, the mean absolute difference of the mean tissue maps inside the brain (where either set has
+    brain in at least 5% of its slices); shape_error, the mean relative difference of the mean shape statistics
+    (|generated - real| / real, over bands, tissues and statistics)."""
+    fraction, maps, shape = [], [], []
+    for g, r in zip(generated, real):
+        if g is None or r is None:
+            continue
+        fraction += [abs(g["fraction"][t] - r["fraction"][t]) for t in TISSUES]
+        inside = (1 - g["maps"][0] > 0.05) | (1 - r["maps"][0] > 0.05)
+        maps.append(float(np.abs(g["maps"][1:] - r["maps"][1:])[:, inside].mean()) if inside.any() else 0.0)
+        shape += [abs(np.mean(g["shapes"][k]) - np.mean(r["shapes"][k])) / max(abs(np.mean(r["shapes"][k])), 1e-3)
+                  for k in r["shapes"]]
+    return {"tissue_fraction_error": float(np.mean(fraction)), "tissue_map_error": float(np.mean(maps)),
+            "shape_error": float(np.mean(shape))}
+
+
+def band_summary(stats: list) -> list:
+    """The JSON-able part of tissue_statistics: per band, fractions, intensities and each shape statistic's mean
+    and quartiles."""
+    return [None if s is None else {
+        "slices": s["slices"], "fraction": s["fraction"], "intensity": s["intensity"],
+        "shapes": {k: {"mean": float(np.mean(v)), "quartiles": [float(q) for q in np.percentile(v, [25, 50, 75])]}
+                   for k, v in s["shapes"].items()}} for s in stats]
+
+
+def tissue_report(segmenter, generated: tuple, validation: tuple, test: tuple, test_labels: np.ndarray | None) -> tuple:
+    """The tissue report of generated slices: each set (images, depths) is segmented by the run's segmenter and
+    compared with the real test slices, beside the floor (real validation slices against the same test slices).
+    test_labels: the test slices' true segmentations (the segmenter's Dice, its known answer). Returns (the
+    metrics' `anatomy` section, the statistics per set for the figure)."""
+    sets = {"generated": generated, "validation": validation, "test": test}
+    labels = {name: segment(segmenter, images) for name, (images, _) in sets.items()}
+    stats = {name: tissue_statistics(images, labels[name], depths) for name, (images, depths) in sets.items()}
+    errors, floor = tissue_errors(stats["generated"], stats["test"]), tissue_errors(stats["validation"], stats["test"])
+    section = {"segmenter_dice": None if test_labels is None else dice(labels["test"], test_labels), **errors,
+               "floor": floor, "bands": {name: band_summary(s) for name, s in stats.items()}}
+    print("tissue report (segmented by the run's segmenter; the floor: real validation vs real test slices):")
+    if section["segmenter_dice"]:
+        print("  segmenter Dice on the real test slices: "
+              + ", ".join(f"{t} {v:.3f}" for t, v in section["segmenter_dice"].items()))
+    for key in errors:
+        print(f"  {key:>22}  samples {errors[key]:.4f}  floor {floor[key]:.4f}  "
+              f"({errors[key] / max(floor[key], 1e-9):.1f}x)")
+    return section, {**stats, "labels": labels}

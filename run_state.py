@@ -73,6 +73,10 @@ class Config:
     prior_layout_levels: int = setting(0, "0: one prior over the codes; L >= 2: a two-level prior that first samples "
                                           "a coarse layout (each 2x2 codes' mean decoded intensity in L bins) with a "
                                           "PixelCNN of its own, then the codes given it")
+    # tissue segmenter (the tissue report's reader), trained where the data has segmentations (keras_png_slices_seg_*)
+    segmenter_channels: int = setting(16, "channels of the U-Net's first level (x2, x4 below it)")
+    segmenter_epochs: int = setting(6, "passes over the training split's slices and their tissue labels")
+    segmenter_learning_rate: float = setting(3e-3, "Adam's initial rate, decayed by a cosine to 5% of it")
     # run folder
     runs_dir: str = setting("runs", "where run folders are made")
     name: str = setting("", "the run's folder name under --runs-dir; empty means a timestamp")
@@ -92,7 +96,8 @@ class Config:
     def validate(self) -> None:
         """Raises UserError for settings that cannot train; called before any folder is created."""
         for field in ("image_size", "downsample", "num_embeddings", "embedding_dim", "hidden_channels",
-                      "batch_size", "epochs", "prior_channels", "prior_layers", "prior_batch_size", "prior_epochs"):
+                      "batch_size", "epochs", "prior_channels", "prior_layers", "prior_batch_size", "prior_epochs",
+                      "segmenter_channels", "segmenter_epochs"):
             if getattr(self, field) <= 0:
                 raise UserError(f"{flag(field)} must be a positive integer, got {getattr(self, field)}")
         if self.num_res_blocks < 0:
@@ -105,7 +110,7 @@ class Config:
         if self.image_size // self.downsample < 2:
             raise UserError(f"--image-size {self.image_size} / --downsample {self.downsample} leaves a code grid "
                             "smaller than 2x2; use a larger image or a smaller factor")
-        for field in ("learning_rate", "prior_learning_rate"):
+        for field in ("learning_rate", "prior_learning_rate", "segmenter_learning_rate"):
             if not getattr(self, field) > 0:
                 raise UserError(f"{flag(field)} must be positive, got {getattr(self, field)}")
         if self.prior_kernel_size < 3 or self.prior_kernel_size % 2 == 0:
@@ -162,6 +167,8 @@ DEMO_PRESET = dict(
     prior_epochs=16,  # 12 epochs of 8 layers in the same time: NLL 2.85 (docs/experiments.md)
     prior_learning_rate=2e-3,  # at 1e-3 the same prior reached NLL 3.00: a small prior needs the larger step
     prior_layout_levels=8,  # two levels: a 16x16 layout first, then the codes given it (one level: NLL 2.89)
+    segmenter_channels=8,  # 8-16-32: a tissue segmenter in about a minute on 2 cores
+    segmenter_epochs=3,
 )
 
 
@@ -197,7 +204,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 # The run folder
 # ---------------------------------------------------------------------------------------------------------------
 
-STAGES = ("vqvae", "prior")
+STAGES = ("vqvae", "prior", "segmenter")  # the segmenter learns from the data alone, not from the VQ-VAE
 
 
 class Run:
@@ -211,11 +218,14 @@ class Run:
         codes_SPLIT.npz     the train and validation splits as code grids (and slice positions), encoded once
         prior.keras         stage 2 checkpoint
         prior_history.csv   stage 2 metrics per epoch (figure prior_loss.png)
+        segmenter.keras     stage 3, the tissue segmenter of predict.py's tissue report (data with segmentations)
+        segmenter_history.csv
         *.png, samples/     figures, and predict.py's generated slices
     """
 
     FILES = {"config": "config.json", "progress": "progress.json", "metrics": "metrics.json"}
-    STAGE_FILES = {"vqvae": ("vqvae.keras", "history.csv"), "prior": ("prior.keras", "prior_history.csv")}
+    STAGE_FILES = {"vqvae": ("vqvae.keras", "history.csv"), "prior": ("prior.keras", "prior_history.csv"),
+                   "segmenter": ("segmenter.keras", "segmenter_history.csv")}
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -359,7 +369,7 @@ class Run:
     def discard_stages_from(self, name: str) -> None:
         """Forgets a stage and the stages after it, which learned from it: their checkpoints, histories and progress
         (and, from the VQ-VAE on, the code caches), so they train again from scratch."""
-        later = STAGES[STAGES.index(name):]
+        later = [s for s in STAGES[STAGES.index(name):] if s != "segmenter" or name == s]  # it learned no codes
         progress = self._progress()
         for stage in map(self.stage, later):
             stage.checkpoint.unlink(missing_ok=True)
@@ -448,7 +458,7 @@ class Run:
 
 
 class Stage:
-    """One training stage of a run ("vqvae" or "prior"): its checkpoint, progress and history.
+    """One training stage of a run ("vqvae", "prior" or "segmenter"): its checkpoint, progress and history.
 
     After every epoch, save_checkpoint writes the model (atomically), then the epoch count to progress.json, so
     whenever the process dies the checkpoint holds at least the epochs progress.json counts.

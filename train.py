@@ -38,12 +38,14 @@ with utils.native_stderr_captured() as TENSORFLOW_STARTUP:  # its start-up lines
 
 import dataset
 import modules
+import realism
 import run_state
 from run_state import Config, Run
 from utils import UserError
 
-STAGES = {"all": run_state.STAGES, "vqvae": ("vqvae",), "prior": ("prior",)}  # --stage
+STAGES = {"all": run_state.STAGES, "vqvae": ("vqvae",), "prior": ("prior",), "segmenter": ("segmenter",)}  # --stage
 PRIOR_SETTINGS = {f.name for f in dataclasses.fields(Config) if f.name.startswith("prior_")}
+SEGMENTER_SETTINGS = {f.name for f in dataclasses.fields(Config) if f.name.startswith("segmenter_")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +68,8 @@ def train(argv: list[str] | None = None) -> Path:
                 train_vqvae(run, config, hardware, data, retrain=args.retrain)
             if "prior" in stages:
                 train_prior(run, config, hardware, retrain=args.retrain and stages == ("prior",))
+            if "segmenter" in stages:
+                train_segmenter(run, config, hardware, retrain=args.retrain and stages == ("segmenter",))
     except utils.Interrupted as stop:
         raise utils.Interrupted(stop.signal_number, f"{safe_on_disk(run, config)}{resume_hint(run)}") from None
     except utils.DiskFull as error:
@@ -76,7 +80,7 @@ def train(argv: list[str] | None = None) -> Path:
 
 def safe_on_disk(run: Run, config: Config) -> str:
     """What an interrupted command leaves: the last completed epoch of each stage."""
-    epochs = {"vqvae": config.epochs, "prior": config.prior_epochs}
+    epochs = {"vqvae": config.epochs, "prior": config.prior_epochs, "segmenter": config.segmenter_epochs}
     done = [f"the {STAGE_LABELS[name]}'s epoch {run.stage(name).epochs_done} of {epochs[name]}"
             for name in run_state.STAGES if run.exists() and run.stage(name).epochs_done]
     if not done:
@@ -101,8 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--demo", action="store_true",
                         help="use the built-in demo set (built into data/demo if missing) and the CPU preset")
     parser.add_argument("--stage", choices=STAGES,
-                        help="all: the VQ-VAE, then the prior (default for a new run); vqvae: stage 1 only; "
-                             "prior: stage 2 of the --resume run")
+                        help="all: the VQ-VAE, the prior, then the tissue segmenter (default for a new run); vqvae: "
+                             "stage 1 only; prior, segmenter: that stage of the --resume run")
     parser.add_argument("--resume", metavar="RUN",
                         help="continue the run folder RUN with its own settings, from its last completed epoch")
     parser.add_argument("--retrain", action="store_true",
@@ -222,13 +226,14 @@ def open_run(args: argparse.Namespace) -> tuple[Run, Config, tuple[str, ...]]:
     if args.retrain and not args.stage:
         raise UserError("--retrain trains a stage again from scratch: add --stage prior (or --stage vqvae, which "
                         "discards the prior too)")
-    may_change = {"data_dir"} | (PRIOR_SETTINGS if stages == ("prior",) and (args.retrain or not prior.epochs_done)
-                                 else set())
+    fresh = {"prior": PRIOR_SETTINGS, "segmenter": SEGMENTER_SETTINGS}  # settings of a stage trained from scratch
+    may_change = {"data_dir"} | (fresh[stages[0]] if stages in (("prior",), ("segmenter",)) and
+                                 (args.retrain or not run.stage(stages[0]).epochs_done) else set())
     overrides = run_state.config_overrides(args)
     fixed = [name for name in overrides if name not in may_change]
     if fixed:
-        reason = ("the prior's settings may change only before it starts or with --retrain"
-                  if fixed[0] in PRIOR_SETTINGS else "only --data-dir may change, and the --prior-* settings "
+        reason = ("a stage's settings may change only before it starts or with --retrain"
+                  if fixed[0] in PRIOR_SETTINGS | SEGMENTER_SETTINGS else "only --data-dir may change, and the --prior-* settings "
                                                      "of a prior that has not started or is retrained")
         raise UserError(f"--resume continues {run.path} with the settings in its config.json; drop "
                         f"{run_state.flag(fixed[0])} ({reason})")
@@ -243,8 +248,8 @@ def open_run(args: argparse.Namespace) -> tuple[Run, Config, tuple[str, ...]]:
 
 def new_run(args: argparse.Namespace) -> tuple[Run, Config, tuple[str, ...]]:
     """A run folder to be made from the flags (on the OASIS preset, or the demo's with --demo)."""
-    if args.stage == "prior":
-        raise UserError("--stage prior trains the prior of an existing run: add --resume runs/NAME")
+    if args.stage in ("prior", "segmenter"):
+        raise UserError(f"--stage {args.stage} trains the {args.stage} of an existing run: add --resume runs/NAME")
     if args.retrain:
         raise UserError("--retrain trains the prior of an existing run again: add --resume runs/NAME --stage prior")
     config = run_state.config_from_args(args)
@@ -397,6 +402,56 @@ def train_prior(run: Run, config: Config, hardware: Hardware, retrain: bool = Fa
           "bits/code")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 3: the tissue segmenter, which predict.py's tissue report reads samples with
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train_segmenter(run: Run, config: Config, hardware: Hardware, retrain: bool = False) -> None:
+    """Trains (or continues) the run's tissue segmenter on the training slices and their segmentations; skipped,
+    with a line, when the data has none."""
+    stage = run.stage("segmenter")
+    if stage.finished and not retrain:
+        print(f"the tissue segmenter of {run.path} is trained already")
+        return
+    train_split = dataset.Split.load(config.data_dir, "train", config.image_size)
+    labels = train_split.tissue()
+    if labels is None:
+        print(f"note: {config.data_dir} has no segmentations (keras_png_slices_seg_* beside the slices), so no tissue "
+              "segmenter and no tissue report")
+        return
+    val = dataset.Split.load(config.data_dir, "validate", config.image_size)
+    val_labels = val.tissue()
+    if retrain:
+        print(f"retraining the tissue segmenter of {run.path} from scratch")
+        run.discard_stages_from("segmenter")
+    steps_per_epoch = int(np.ceil(len(labels) / config.batch_size))
+    model = stage_model(stage, config.segmenter_epochs, hardware, config.seed,
+                        lambda dtype, jit: modules.new_segmenter(config, steps_per_epoch, class_weights(labels),
+                                                                 dtype, jit))
+    curves = CurveWriter(stage, [])
+    batches = dataset.array_dataset(train_split.images, labels.astype("int32"), config.batch_size, shuffle=True,
+                                    seed=config.seed)
+    print(f"tissue segmenter: {model.count_params():,} parameters, a U-Net of {len(model.channels)} levels")
+    model.fit(batches, initial_epoch=stage.epochs_done, epochs=config.segmenter_epochs,
+              callbacks=[StopOnDivergence(stage, "--segmenter-learning-rate", config.segmenter_learning_rate),
+                         curves, Checkpoint(stage)], verbose=fit_verbosity(), shuffle=False)
+    dice = realism.dice(realism.segment(model, val.images), val_labels)
+    run.update_metrics("segmenter", {"epochs": config.segmenter_epochs,
+                                     "train_seconds": round(curves.history["seconds"][-1], 1), "val_dice": dice})
+    stage.mark_finished()
+    print(f"tissue segmenter done in {curves.history['seconds'][-1]:.0f} s: validation Dice "
+          + ", ".join(f"{tissue} {value:.3f}" for tissue, value in dice.items()))
+
+
+def class_weights(labels: np.ndarray) -> list[float]:
+    """Weights of the tissue classes, 1 / sqrt(share of the pixels), scaled to a pixel-weighted mean of 1: the rare
+    class (CSF) counts more, without drowning the others."""
+    share = np.bincount(labels.ravel(), minlength=len(modules.TISSUES)) / labels.size
+    weights = 1 / np.sqrt(np.maximum(share, 1e-4))
+    return [float(w) for w in weights / np.sum(share * weights)]
+
+
 def encoded_split(run: Run, vqvae, config: Config, split: str,
                   chunk: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
     """The (N, h, w) int16 code grids of a split and the (N,) slice positions of its files (None when the names carry
@@ -432,7 +487,7 @@ def prior_inputs(prior, codes: np.ndarray, positions: np.ndarray | None, vqvae) 
 # What both stages share: the model to train (new or resumed), and the callbacks around model.fit
 # ---------------------------------------------------------------------------------------------------------------
 
-STAGE_LABELS = {"vqvae": "VQ-VAE", "prior": "prior"}
+STAGE_LABELS = {"vqvae": "VQ-VAE", "prior": "prior", "segmenter": "tissue segmenter"}
 
 
 def seed_everything(seed: int) -> None:

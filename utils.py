@@ -423,3 +423,53 @@ def plot_histogram(path: Path, values: dict, xlabel: str, title: str) -> None:
     ax.set(xlabel=xlabel, ylabel="images", title=title)
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+TISSUE_COLOURS = np.array([[0, 0, 0], [0.9, 0.2, 0.2], [0.3, 0.8, 0.3], [0.3, 0.5, 1.0]])  # bg, CSF, gray, white
+
+
+def plot_anatomy(path: Path, stats: dict, generated: tuple, tissues: tuple, bands: int) -> None:
+    """The tissue report's figure: per depth band (columns), the real test slices' and the samples' mean tissue
+    maps (CSF red, gray matter green, white matter blue), a sample with its tissue map; below, per band, the tissue
+    fractions and the pieces per slice of each tissue, real (hatched) beside generated. stats: realism.tissue_report's
+    (per set: per band statistics; "labels": per set label maps); generated: (images, depths) of the samples."""
+    plt = _pyplot()
+    images, depths = generated
+    band_of = np.minimum((np.asarray(depths) * bands).astype(int), bands - 1)
+    fig = plt.figure(figsize=(2.0 * bands, 12.5))
+    grid = fig.add_gridspec(6, bands, height_ratios=[1, 1, 1, 1, 0.9, 0.9], hspace=0.35)
+    rows = ("real test: mean tissue map", "samples: mean tissue map", "a sample", "its tissue map")
+    for b in range(bands):
+        sample = np.flatnonzero(band_of == b)
+        panels = [None if stats[s][b] is None else np.tensordot(stats[s][b]["maps"], TISSUE_COLOURS, axes=(0, 0))
+                  for s in ("test", "generated")]
+        panels += [None, None] if not len(sample) else [
+            images[sample[0], ..., 0], TISSUE_COLOURS[stats["labels"]["generated"][sample[0]]]]
+        for row, panel in enumerate(panels):
+            ax = fig.add_subplot(grid[row, b])
+            ax.axis("off")
+            if panel is not None:
+                ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=1)
+            if b == 0:
+                ax.set_title(rows[row], fontsize=9, loc="left")
+            if row == 0:
+                ax.text(0.5, 1.2, f"depth {b / bands:.1f}-{(b + 1) / bands:.1f}", transform=ax.transAxes,
+                        ha="center", fontsize=9)
+    for row, (key, label) in enumerate((("fraction", "share of the brain"), ("pieces", "pieces per slice"))):
+        ax = fig.add_subplot(grid[4 + row, :])
+        width = 0.8 / (2 * len(tissues))
+        for t, tissue in enumerate(tissues):
+            for s, (name, hatch) in enumerate((("test", "//"), ("generated", ""))):
+                values = [np.nan if st is None else (st["fraction"][tissue] if key == "fraction" else
+                                                     np.mean(st["shapes"][f"{tissue}_pieces"]))
+                          for st in stats[name]]
+                ax.bar(np.arange(bands) + (2 * t + s - len(tissues)) * width + width / 2, values, width,
+                       color=TISSUE_COLOURS[t + 1], hatch=hatch, edgecolor="k", linewidth=0.3,
+                       label=f"{tissue}, {'real' if name == 'test' else 'samples'}")
+        ax.set_xticks(np.arange(bands), [f"{b / bands:.1f}-{(b + 1) / bands:.1f}" for b in range(bands)])
+        ax.set(ylabel=label, xlabel="depth band")
+        ax.grid(alpha=0.3, axis="y")
+        if row == 0:
+            ax.legend(fontsize=7, ncol=3)
+    fig.suptitle("Tissue report: real test slices vs samples at the same depths", fontsize=11)
+    save_figure(fig, path)

@@ -66,7 +66,7 @@ def eager_loops():
 # The smallest settings that train both stages end to end: 32 px images, 8x8 code grids, a few hundred weights.
 TINY = ["--image-size", "32", "--hidden-channels", "8", "--num-res-blocks", "1", "--num-embeddings", "16",
         "--embedding-dim", "4", "--batch-size", "16", "--prior-channels", "8", "--prior-layers", "2",
-        "--prior-kernel-size", "3"]
+        "--prior-kernel-size", "3", "--segmenter-channels", "4", "--segmenter-epochs", "2"]
 
 
 @pytest.fixture

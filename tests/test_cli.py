@@ -34,7 +34,7 @@ def tiny_run(demo_dir, tmp_path_factory):
 def test_train_writes_a_complete_run_folder(tiny_run):
     for name in ["config.json", "vqvae.keras", "history.csv", "ssim.png", "losses.png", "recon.png",
                  "metrics.json", "codes_train.npz", "codes_validate.npz", "prior.keras", "prior_history.csv",
-                 "prior_loss.png"]:
+                 "prior_loss.png", "segmenter.keras", "segmenter_history.csv"]:
         assert (tiny_run / name).is_file(), name
     assert not list(tiny_run.glob(".*")), "temporary files left behind"
     config = Run.open(tiny_run).read_config()
@@ -107,6 +107,20 @@ def test_predict_rebuilds_from_the_run_folder_reports_baselines_and_generates(ti
         assert 0 <= gen["brain_fraction"][key]["mean"] < 1
     assert gen["prior_bits_per_code"]["split"] == "test" and 0 < gen["prior_bits_per_code"]["value"] < 2 * np.log2(16)
     assert (tiny_run / "depths.png").is_file()
+    anatomy = gen["anatomy"]  # the tissue report: the tiny run trained a segmenter (the demo set has segmentations)
+    assert set(anatomy["segmenter_dice"]) == {"csf", "gray", "white"} and (tiny_run / "anatomy.png").is_file()
+    for key in ("tissue_fraction_error", "tissue_map_error", "shape_error"):
+        assert anatomy[key] >= 0 and anatomy["floor"][key] >= 0
+    assert "tissue report" in out and len(anatomy["bands"]["generated"]) == 5
+    assert 0 < metrics["segmenter"]["val_dice"]["white"] <= 1
+
+
+def test_no_realism_skips_the_test_and_the_tissue_report(tiny_run, tmp_path, capsys):
+    assert predict.main(["--run", str(tiny_run), "--num-samples", "2", "--no-realism", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "realism:" not in out and "tissue report" not in out
+    assert "anatomy" not in json.loads((tmp_path / "metrics.json").read_text())["samples"]
+    assert (tmp_path / "samples.png").is_file() and not (tmp_path / "anatomy.png").exists()
 
 
 def test_the_realism_references_are_measured_once_per_vqvae(tiny_run, predicted, capsys, monkeypatch):
