@@ -263,6 +263,30 @@ def array_dataset(inputs, targets, batch_size: int, shuffle: bool = False, seed:
     return _from_memory(batches.repeat(passes))
 
 
+def shifted_code_batches(arrays: dict, shift: int, fills: dict, batch_size: int, epoch_size: int, seed: int):
+    """A prior's training examples (arrays: "codes" (N, h, w) and, where used, "condition" (N, F) and "layout"
+    (N, h/2, w/2)) as batches of dicts, each grid moved by a random shift of -shift, 0 or +shift codes along each
+    axis (its layout by shift / 2 cells), what the move uncovers filled with fills[key] (the empty frame's code and
+    layout cell); epoch_size examples an epoch, reshuffled each epoch. A brain lies anywhere in the frame: the shifted
+    grids are as probable as the originals, and a prior must learn 9 times as many to memorise them."""
+    import tensorflow as tf
+
+    draws = tf.random.Generator.from_seed(seed)  # its state lives on between epochs: new shifts every epoch
+
+    def moved(example):
+        offset = (draws.uniform([2], 0, 3, dtype=tf.int32) - 1) * shift  # (dy, dx) in codes
+        for key, scale in (("codes", 1), ("layout", 2)):
+            if key in example:
+                grid, pad = example[key], shift // scale
+                padded = tf.pad(grid, [[pad, pad], [pad, pad]], constant_values=fills[key])
+                example[key] = tf.slice(padded, pad - offset // scale, tf.shape(grid))
+        return example
+
+    examples = tf.data.Dataset.from_tensor_slices(arrays).shuffle(len(arrays["codes"]), seed=seed,
+                                                                  reshuffle_each_iteration=True)
+    return _from_memory(examples.take(epoch_size).map(moved).batch(batch_size))
+
+
 def _batches(dataset, batch_size: int, shuffle: bool, seed: int):
     """Batches of a dataset held in memory, reshuffled in full each epoch when shuffle is on."""
     if shuffle:

@@ -383,18 +383,25 @@ def train_prior(run: Run, config: Config, hardware: Hardware, retrain: bool = Fa
     if prior.layout_levels:
         print(f"two-level prior: a {prior.layout_shape[0]}x{prior.layout_shape[1]} layout of "
               f"{prior.layout_levels} intensity levels first, then the codes given it")
-    (train_inputs, train_codes), validation = (prior_inputs(prior, *cached[split], vqvae)
-                                               for split in ("train", "validate"))
-    batches = dataset.array_dataset(train_inputs, train_codes, config.prior_batch_size, shuffle=True,
-                                    seed=config.seed)
+    validation = prior_inputs(prior, *cached["validate"], vqvae)
+    if config.prior_augment:
+        flipped = encoded_split(run, vqvae, config, "train", flipped=True)
+        print(f"augmentation: the training slices and their mirror images, each grid shifted by -{config.prior_augment}"
+              f", 0 or +{config.prior_augment} codes at random")
+        batches = augmented_batches(prior, cached["train"], flipped, config, vqvae)
+    else:
+        batches = dataset.array_dataset(*prior_inputs(prior, *cached["train"], vqvae), config.prior_batch_size,
+                                        shuffle=True, seed=config.seed)
+    best = BestWeights()
     prior.fit(batches, validation_data=dataset.array_dataset(*validation, config.prior_batch_size),
-              initial_epoch=stage.epochs_done, epochs=config.prior_epochs, callbacks=callbacks,
+              initial_epoch=stage.epochs_done, epochs=config.prior_epochs, callbacks=[*callbacks, best],
               verbose=fit_verbosity(), shuffle=False)  # the dataset shuffles itself
-
     history = curves.history
+    kept = best.restore(prior, stage, config.prior_epochs)
+
     metrics = {"epochs": config.prior_epochs, "train_seconds": round(history["seconds"][-1], 1),
-               "hardware": hardware.describe(), "val_bits_per_code": history["val_bits_per_code"][-1],
-               "train_bits_per_code": history["bits_per_code"][-1],
+               "hardware": hardware.describe(), "val_bits_per_code": history["val_bits_per_code"][kept - 1],
+               "train_bits_per_code": history["bits_per_code"][kept - 1], "kept_epoch": kept,
                "uniform_bits_per_code": float(np.log2(config.num_embeddings))}
     run.update_metrics("prior", metrics)
     stage.mark_finished()
@@ -452,25 +459,50 @@ def class_weights(labels: np.ndarray) -> list[float]:
     return [float(w) for w in weights / np.sum(share * weights)]
 
 
-def encoded_split(run: Run, vqvae, config: Config, split: str,
+def encoded_split(run: Run, vqvae, config: Config, split: str, flipped: bool = False,
                   chunk: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
     """The (N, h, w) int16 code grids of a split and the (N,) slice positions of its files (None when the names carry
-    no slice numbers): encoded once, `chunk` files at a time, then read from the run folder."""
+    no slice numbers): encoded once, `chunk` files at a time, then read from the run folder. flipped: of the slices
+    mirrored left-right (the encoder is not mirror-symmetric, so these are other grids, not mirrored ones)."""
     files = dataset.split_files(config.data_dir, split)
-    cached = run.read_codes(split)
+    name = split + "_flipped" * flipped
+    cached = run.read_codes(name)
     if cached is not None and len(cached[0]) == len(files):
         return cached
     if cached is not None:
         print(f"note: the cached {split} codes are of {len(cached[0])} slices, {config.data_dir} has {len(files)}; "
               "encoding them again")
     start = time.time()
-    codes = np.concatenate([utils.batched(vqvae.encode, dataset.load_images(files[i:i + chunk], config.image_size))
-                            for i in range(0, len(files), chunk)]).astype(np.int16)
+    order = slice(None, None, -1 if flipped else 1)
+    codes = np.concatenate([utils.batched(vqvae.encode, dataset.load_images(files[i:i + chunk], config.image_size)[
+        :, :, order]) for i in range(0, len(files), chunk)]).astype(np.int16)
     positions = dataset.slice_positions(files)
-    run.write_codes(split, codes, positions)
-    print(f"encoded the {split} split: {codes.shape[0]} code grids of {codes.shape[1]}x{codes.shape[2]} "
-          f"in {time.time() - start:.0f} s")
+    run.write_codes(name, codes, positions)
+    print(f"encoded the {split} split{', mirrored,' * flipped}: {codes.shape[0]} code grids of "
+          f"{codes.shape[1]}x{codes.shape[2]} in {time.time() - start:.0f} s")
     return codes, positions
+
+
+def augmented_batches(prior, train: tuple, flipped: tuple, config: Config, vqvae):
+    """The prior's training batches with --prior-augment: the training grids and their mirror images' grids, an
+    epoch of as many grids as the training split has, each shifted at random (dataset.shifted_code_batches)."""
+    codes = np.concatenate([train[0], flipped[0]]).astype("int32")
+    arrays = {"codes": codes}
+    if prior.num_conditions:
+        arrays["condition"] = np.asarray(modules.slice_position_features(np.concatenate([train[1], flipped[1]]),
+                                                                         prior.num_conditions // 2))
+    fills = {"codes": int(np.bincount(codes[:, 0, 0]).argmax())}  # the corner's code: the empty frame's
+    if prior.layout_levels:
+        arrays["layout"] = utils.code_layouts(vqvae, codes, prior.layout_levels).astype("int32")
+        fills["layout"] = int(np.bincount(arrays["layout"][:, 0, 0]).argmax())
+    examples = dataset.shifted_code_batches(arrays, config.prior_augment, fills, config.prior_batch_size,
+                                            epoch_size=len(train[0]), seed=config.seed)
+    def packed(example):  # a tuple where the prior takes a list: tf.data cannot return lists
+        inputs = prior.pack_inputs(example["codes"], example.get("condition"), example.get("layout"))
+        return tuple(inputs) if isinstance(inputs, list) else inputs, prior.pack_targets(example["codes"],
+                                                                                        example.get("layout"))
+
+    return examples.map(packed)
 
 
 def prior_inputs(prior, codes: np.ndarray, positions: np.ndarray | None, vqvae) -> tuple:
@@ -546,6 +578,30 @@ class BitsPerCode(keras.callbacks.Callback):
         logs["val_bits_per_code"] = logs["val_loss"] / np.log(2)
         print(f"epoch {epoch + 1}: validation NLL {logs['val_bits_per_code']:.3f} bits/code "
               f"(train {logs['bits_per_code']:.3f}; uniform would be {np.log2(self.model.num_embeddings):.1f})")
+
+
+class BestWeights(keras.callbacks.Callback):
+    """Keeps (in memory) the weights of the epoch with the lowest validation loss; restore() puts them back into the
+    stage's checkpoint at the end. A prior past its best validation NLL memorises: on a GPU its samples grew less
+    real with every epoch after it (docs/experiments.md). Epochs before a resume are not compared."""
+
+    def __init__(self):
+        super().__init__()
+        self.best, self.epoch, self.weights = np.inf, 0, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs["val_loss"] < self.best:
+            self.best, self.epoch, self.weights = logs["val_loss"], epoch + 1, self.model.get_weights()
+
+    def restore(self, model, stage: run_state.Stage, epochs: int) -> int:
+        """The epoch whose weights the checkpoint holds: the best one, rewritten there if it was not the last."""
+        if self.weights is None or self.epoch == epochs:
+            return epochs
+        model.set_weights(self.weights)
+        stage.save_checkpoint(model, epochs_done=epochs)
+        print(f"kept the weights of epoch {self.epoch}, whose validation NLL ({self.best / np.log(2):.3f} bits/code) "
+              f"was the lowest")
+        return self.epoch
 
 
 class RestartUnusedCodes(keras.callbacks.Callback):

@@ -269,3 +269,55 @@ def test_names_without_slice_numbers_train_an_unconditional_prior(tmp_path, caps
     assert not run.figure("depths").exists()
     assert predict.main(["--run", str(run.path), "--slice-position", "0.5"]) == 2
     assert "not conditioned on depth" in capsys.readouterr().err
+
+
+def test_shifted_code_batches_move_each_grid_and_its_layout_by_whole_steps_and_fill_the_uncovered_part():
+    rng = np.random.default_rng(0)
+    codes = rng.integers(1, 9, (6, 8, 8)).astype("int32")
+    layout = codes.reshape(6, 4, 2, 4, 2)[:, :, 0, :, 0].copy()  # a layout cell per 2x2 codes: its top-left code
+    condition = np.arange(6, dtype="float32")[:, None]
+    seen = set()
+    batches = dataset.shifted_code_batches({"codes": codes, "condition": condition, "layout": layout}, 2,
+                                           {"codes": 0, "layout": 0}, batch_size=4, epoch_size=6, seed=1)
+    for _ in range(5):  # epochs: other shifts each time
+        for batch in batches:
+            for moved, cells, which in zip(batch["codes"].numpy(), batch["layout"].numpy(),
+                                           batch["condition"].numpy()[:, 0].astype(int)):
+                shifts = [(dy, dx) for dy in (-2, 0, 2) for dx in (-2, 0, 2)
+                          if np.array_equal(moved, np.roll(np.pad(codes[which], 2), (dy, dx), (0, 1))[2:-2, 2:-2])]
+                assert len(shifts) == 1, "each grid is its own, moved by one of the 9 shifts"
+                (dy, dx), = shifts
+                np.testing.assert_array_equal(cells, np.roll(np.pad(layout[which], 1), (dy // 2, dx // 2),
+                                                             (0, 1))[1:-1, 1:-1])  # the layout moves with it
+                seen.add((dy, dx))
+    assert len(seen) >= 6  # the shifts vary
+
+
+def test_a_config_written_before_augmentation_existed_trains_without_it():
+    from run_state import Config
+
+    assert Config.from_dict({}).prior_augment == 0 and Config().prior_augment == 2
+    assert Config.from_dict({"prior_augment": 4}).prior_augment == 4
+
+
+def test_the_prior_keeps_the_weights_of_its_best_validation_epoch(tmp_path):
+    import keras
+
+    import train
+    from run_state import Config, Run
+
+    run = Run(tmp_path / "run")
+    run.path.mkdir()
+    run.write_config(Config())
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    best = train.BestWeights()
+    best.set_model(model)
+    weights = []
+    for epoch, loss in enumerate([3.0, 2.0, 4.0]):
+        model.set_weights([np.full((2, 1), epoch, "float32"), np.zeros(1, "float32")])
+        weights.append(model.get_weights())
+        best.on_epoch_end(epoch, {"val_loss": loss})
+    assert best.restore(model, run.stage("prior"), epochs=3) == 2
+    np.testing.assert_array_equal(keras.saving.load_model(run.stage("prior").checkpoint).get_weights()[0],
+                                  weights[1][0])
+    assert run.stage("prior").epochs_done == 3
