@@ -302,16 +302,15 @@ def judged(run: Run, out: Run, config: run_state.Config, vqvae, prior, generated
                "nearest_train_ssim": realism.copy_check(samples[0], real_images[0], train_images, known_copy),
                "brain_fraction": {"samples": utils.summarize(utils.brain_fraction(every_sample)),
                                   "real": utils.summarize(utils.brain_fraction(every_real))}}
-    anatomy = tissue_report(run, out, at_depths, real, test, n, draws, seed)
+    anatomy = tissue_report(run, out, at_depths, np.concatenate(real_images), test)
     if anatomy:
         section["anatomy"] = anatomy
     return section
 
 
-def tissue_report(run: Run, out: Run, at_depths: tuple | None, real: dataset.Split, test: dataset.Split, n: int,
-                  draws: int, seed: int) -> dict:
-    """realism.tissue_report of the samples drawn at the validation slices' depths, and anatomy.png; {} (with a
-    line saying why) without a segmenter or without depths."""
+def tissue_report(run: Run, out: Run, at_depths: tuple | None, real_images: np.ndarray, test: dataset.Split) -> dict:
+    """realism.tissue_report of the samples drawn at the depths of the validation slices `real_images` (the realism
+    test's, all draws), and anatomy.png; {} (with a line saying why) without a segmenter or without depths."""
     if not run.stage("segmenter").finished:
         print(f"no tissue report: {run.path} has no tissue segmenter (`python train.py --resume {run.path} --stage "
               "segmenter`, where the data has keras_png_slices_seg_* folders)")
@@ -319,9 +318,8 @@ def tissue_report(run: Run, out: Run, at_depths: tuple | None, real: dataset.Spl
     if at_depths is None or test.positions is None:
         print("no tissue report: the slices' names carry no depths to compare them by")
         return {}
-    picks = np.concatenate([np.random.default_rng([seed, r]).permutation(len(real.images))[:n] for r in range(draws)])
     segmenter = run.stage("segmenter").load_model(float32=True)
-    section, stats = realism.tissue_report(segmenter, at_depths, (real.images[picks], real.positions[picks]),
+    section, stats = realism.tissue_report(segmenter, at_depths, (real_images, at_depths[1]),
                                            (test.images, test.positions), test.tissue())
     utils.plot_anatomy(out.figure("anatomy"), stats, at_depths, realism.TISSUES, realism.BANDS)
     return section

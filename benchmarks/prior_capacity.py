@@ -118,15 +118,6 @@ def augmented(codes: np.ndarray, positions: np.ndarray, flipped: np.ndarray, shi
     return np.concatenate(grids), np.concatenate(kept)
 
 
-def write_flipped(run: run_state.Run) -> None:
-    """RUN/codes_train_flipped.npz: the training slices flipped left-right and encoded by the run's VQ-VAE."""
-    config, vqvae = run.read_config(), run.load_vqvae()
-    train_split = dataset.Split.load(config.data_dir, "train", config.image_size)
-    codes = utils.batched(vqvae.encode, train_split.images[:, :, ::-1]).astype("int16")
-    np.savez(run.path / "codes_train_flipped.npz", codes=codes, positions=train_split.positions)
-    print(f"wrote {run.path / 'codes_train_flipped.npz'}: {codes.shape}")
-
-
 def figures(run: run_state.Run, folder: Path) -> None:
     """Decodes capacity_samples.npz of `folder` into one figure per size: real slices, then samples per temperature."""
     config, vqvae = run.read_config(), run.load_vqvae()
@@ -166,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.figure:
         figures(run, args.figure)
         return 0
-    if args.flip:
-        write_flipped(run)
+    if args.flip:  # what train.py's prior stage encodes for --prior-augment, into the same file
+        config = run.read_config()
+        train.encoded_split(run, run.load_vqvae(), config, "train", flipped=True)
         return 0
     if not args.budget:
         parser.error("--budget is needed to train")
@@ -176,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(value is None for value in data.values()):
         raise SystemExit(f"error: {run.path} has no cached code grids; train its prior stage first")
     if args.augment:
-        with np.load(run.path / "codes_train_flipped.npz") as flipped:
-            data["train"] = augmented(*data["train"], flipped["codes"], args.augment)
+        flipped = run.read_codes("train_flipped")
+        if flipped is None:
+            raise SystemExit(f"error: {run.path} has no codes_train_flipped.npz; write it first with --flip")
+        data["train"] = augmented(*data["train"], flipped[0], args.augment)
         print(f"augmented: {len(data['train'][0])} training grids")
     print(f"Keras {keras.__version__} on {keras.backend.backend()}: {keras.distribution.list_devices()}")
     args.out.mkdir(parents=True, exist_ok=True)
