@@ -231,12 +231,14 @@ class Split:
         return np.array([f"{self.name} {i}" for i in range(len(self.files))]) if subjects is None else subjects
 
 
-def make_dataset(files: list[str], image_size: int, batch_size: int, shuffle: bool, seed: int = 0):
+def make_dataset(files: list[str], image_size: int, batch_size: int, shuffle: bool, seed: int = 0,
+                 epoch_size: int | None = None):
     """files -> decode in parallel -> resize -> scale -> cache -> (shuffle) -> batch -> prefetch.
 
     Yields (images, images) pairs, since the VQ-VAE reconstructs its input. The cache is filled here, in one
     pass that also checks every file, so a corrupt PNG is reported by name before training starts and the first
-    epoch reads from memory.
+    epoch reads from memory. epoch_size: the examples an epoch takes after its shuffle (a worker of several, whose
+    epochs must all be as long: cluster.Cluster.epoch_size); None: all of them.
     """
     import tensorflow as tf
 
@@ -246,20 +248,22 @@ def make_dataset(files: list[str], image_size: int, batch_size: int, shuffle: bo
             pass
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.DataLossError) as error:
         _raise_bad_file(files, image_size, error)
-    return _from_memory(_batches(dataset, batch_size, shuffle, seed).map(lambda x: (x, x)))
+    return _from_memory(_batches(dataset, batch_size, shuffle, seed, epoch_size).map(lambda x: (x, x)))
 
 
-def array_dataset(inputs, targets, batch_size: int, shuffle: bool = False, seed: int = 0, passes: int = 1):
+def array_dataset(inputs, targets, batch_size: int, shuffle: bool = False, seed: int = 0, passes: int = 1,
+                  epoch_size: int | None = None):
     """Arrays in memory (the prior's code grids, their conditions and layouts) -> (inputs, targets) batches, with
     the same in-memory pipeline as make_dataset. inputs: one array or a list of arrays; targets: an array or a dict.
 
     passes: times the batches go over the arrays, each pass reshuffled and ending in its own partial batch, as
     epochs of `fit` do; for a short training (the realism test's judges) as one `fit` epoch of `passes` passes,
-    which makes one iterator instead of one per epoch: at a few steps per epoch, making them took half the time."""
+    which makes one iterator instead of one per epoch: at a few steps per epoch, making them took half the time.
+    epoch_size: as make_dataset's."""
     import tensorflow as tf
 
     inputs = tuple(inputs) if isinstance(inputs, list) else inputs  # tf.data would stack a list into one tensor
-    batches = _batches(tf.data.Dataset.from_tensor_slices((inputs, targets)), batch_size, shuffle, seed)
+    batches = _batches(tf.data.Dataset.from_tensor_slices((inputs, targets)), batch_size, shuffle, seed, epoch_size)
     return _from_memory(batches.repeat(passes))
 
 
@@ -287,10 +291,13 @@ def shifted_code_batches(arrays: dict, shift: int, fills: dict, batch_size: int,
     return _from_memory(examples.take(epoch_size).map(moved).batch(batch_size))
 
 
-def _batches(dataset, batch_size: int, shuffle: bool, seed: int):
-    """Batches of a dataset held in memory, reshuffled in full each epoch when shuffle is on."""
+def _batches(dataset, batch_size: int, shuffle: bool, seed: int, epoch_size: int | None = None):
+    """Batches of a dataset held in memory, reshuffled in full each epoch when shuffle is on; the first epoch_size
+    examples of each epoch's order (all when None)."""
     if shuffle:
         dataset = dataset.shuffle(int(dataset.cardinality()), seed=seed, reshuffle_each_iteration=True)
+    if epoch_size is not None:
+        dataset = dataset.take(epoch_size)
     return dataset.batch(batch_size)
 
 

@@ -234,22 +234,25 @@ class Run:
         segmenter.keras     stage 3, the tissue segmenter of predict.py's tissue report (data with segmentations)
         segmenter_history.csv
         *.png, samples/     figures, and predict.py's generated slices
+
+    read_only: a Run that reads the folder and writes nothing there (every write below is skipped): the view of the
+    workers other than the chief in a training across several machines (cluster.py).
     """
 
     FILES = {"config": "config.json", "progress": "progress.json", "metrics": "metrics.json"}
     STAGE_FILES = {"vqvae": ("vqvae.keras", "history.csv"), "prior": ("prior.keras", "prior_history.csv"),
                    "segmenter": ("segmenter.keras", "segmenter_history.csv")}
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, read_only: bool = False):
+        self.path, self.read_only = Path(path), read_only
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
 
     @classmethod
-    def open(cls, path: str | Path) -> "Run":
+    def open(cls, path: str | Path, read_only: bool = False) -> "Run":
         """An existing run folder written by train.py, or a UserError saying what is wrong."""
-        run = cls(path)
+        run = cls(path, read_only)
         if not run.path.is_dir():
             raise UserError(f"run folder {run.path} does not exist; pass an existing runs/NAME")
         if not run._file("config").is_file():
@@ -279,8 +282,11 @@ class Run:
         waits its turn). The lock is the operating system's (flock), so it dies with its process: a killed run
         never blocks a later --resume. A new run's folder is made here, with its config and stages; if the command
         fails before the first checkpoint, the folder is removed again: a failed command leaves no half-made run
-        behind, and never touches an existing one.
+        behind, and never touches an existing one. A read-only Run (another worker's view) does none of this.
         """
+        if self.read_only:
+            yield
+            return
         new = not self.exists()
         if new:
             try:
@@ -342,6 +348,8 @@ class Run:
         return config
 
     def write_config(self, config: Config) -> None:
+        if self.read_only:
+            return
         write_json(self._file("config"), dataclasses.asdict(config))
 
     # progress ---------------------------------------------------------------------------------------------------
@@ -358,6 +366,8 @@ class Run:
             raise UserError(f"{path} is damaged ({type(error).__name__}: {error}); {remedy}") from None
 
     def _update_progress(self, stage: str, **values) -> None:
+        if self.read_only:
+            return
         progress = self._progress()
         progress[stage] = {**progress.get(stage, {}), **values}
         write_json(self._file("progress"), progress)
@@ -382,6 +392,8 @@ class Run:
     def discard_stages_from(self, name: str) -> None:
         """Forgets a stage and the stages after it, which learned from it: their checkpoints, histories and progress
         (and, from the VQ-VAE on, the code caches), so they train again from scratch."""
+        if self.read_only:
+            return
         later = [s for s in STAGES[STAGES.index(name):] if s != "segmenter" or name == s]  # it learned no codes
         progress = self._progress()
         for stage in map(self.stage, later):
@@ -400,6 +412,8 @@ class Run:
     def update_metrics(self, section: str, values: dict) -> None:
         """Replaces one section of metrics.json, keeping the others. A damaged metrics.json is moved aside (kept as
         metrics.json.damaged) and a new one begun."""
+        if self.read_only:
+            return
         try:
             metrics = self.read_metrics()
         except UserError:
@@ -439,6 +453,8 @@ class Run:
         return codes, positions
 
     def write_codes(self, split: str, codes: np.ndarray, positions: np.ndarray | None) -> None:
+        if self.read_only:
+            return
         arrays = {"codes": codes} if positions is None else {"codes": codes, "positions": positions}
         atomic_write(self._codes_file(split), lambda tmp: np.savez(tmp, **arrays))
 
@@ -500,6 +516,8 @@ class Stage:
         return self.checkpoint.is_file()
 
     def save_checkpoint(self, model, epochs_done: int) -> None:
+        if self.run.read_only:
+            return
         with signals_deferred():  # Ctrl-C here stops after both writes, never between them
             atomic_write(self.checkpoint, model.save)  # the temporary name keeps the .keras suffix save() requires
             self.run._update_progress(self.name, epochs_done=epochs_done)
@@ -531,6 +549,8 @@ class Stage:
         return {column: [float(row[column]) for row in rows] for column in rows[0] if column != "epoch"}
 
     def write_history(self, history: dict) -> None:
+        if self.run.read_only:
+            return
         columns = list(history)
 
         def write(tmp):

@@ -14,7 +14,8 @@ trains the PixelCNN prior on them. Each stage saves a checkpoint after every epo
 Hardware (not part of the run's settings; a resumed run may change it): --devices N trains on N GPUs with
 MirroredStrategy (default: every visible GPU); --mixed-precision computes in bfloat16/float16 with the quantizer,
 losses and outputs in float32 (default: on with a GPU); --xla compiles the training step with XLA (default: on with
-one GPU, off on CPU, where it measured slower: benchmarks/train_throughput.py).
+one GPU, off on CPU, where it measured slower: benchmarks/train_throughput.py); --multi-worker trains on several
+machines, the same command on each (cluster.py; README "Several machines").
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ import utils
 with utils.native_stderr_captured() as TENSORFLOW_STARTUP:  # its start-up lines, shown only when they explain
     import keras  # something (a GPU driver that TensorFlow cannot use); see setup_hardware
 
+import cluster as cluster_lib
 import dataset
 import modules
 import realism
 import run_state
+from cluster import Cluster
 from run_state import Config, Run
 from utils import UserError
 
@@ -56,13 +59,15 @@ def train(argv: list[str] | None = None) -> Path:
     """The method: flags -> hardware -> the run folder (a new one, or --resume) -> stage 1 -> stage 2."""
     args = parse_args(argv)
     hardware = setup_hardware(args)  # first: splitting the CPU into logical devices must precede any TF work
-    run, config, stages = open_run(args)
+    run, config, stages = open_run(args, hardware.cluster)
     hardware.check_batches(config)
     print(f"hardware: {hardware.describe()}")
     vqvae_to_train = "vqvae" in stages and (args.retrain or not run.stage("vqvae").finished)
+    hardware.cluster.barrier()  # every worker has read the run's state before the chief changes it
     seed_everything(config.seed)  # before the data pipeline: tf.data's shuffle takes TensorFlow's global seed
-    data = load_training_images(config, args.demo) if vqvae_to_train else None  # data errors: before any folder
-    try:
+    hardware.cluster.hint = resume_hint(run, hardware.cluster)
+    data = load_training_images(config, args.demo, hardware) if vqvae_to_train else None  # data errors: before any
+    try:                                                                                     # folder is made
         with run.training(config, stages, wait=args.wait):  # makes a new run's folder; one process per run
             if "vqvae" in stages:
                 train_vqvae(run, config, hardware, data, retrain=args.retrain)
@@ -70,10 +75,12 @@ def train(argv: list[str] | None = None) -> Path:
                 train_prior(run, config, hardware, retrain=args.retrain and stages == ("prior",))
             if "segmenter" in stages:
                 train_segmenter(run, config, hardware, retrain=args.retrain and stages == ("segmenter",))
+            hardware.cluster.barrier()  # the chief's last writes are done: now every worker may end
     except utils.Interrupted as stop:
         raise utils.Interrupted(stop.signal_number, f"{safe_on_disk(run, config)}{resume_hint(run)}") from None
     except utils.DiskFull as error:
         raise utils.DiskFull(f"{error}{resume_hint(run)}") from None
+    hardware.cluster.leave()
     print(f"run folder: {run.path}")
     return run.path
 
@@ -88,7 +95,9 @@ def safe_on_disk(run: Run, config: Config) -> str:
     return " and ".join(done) + (" is" if len(done) == 1 else " are") + " safe on disk"
 
 
-def resume_hint(run: Run) -> str:
+def resume_hint(run: Run, cluster: Cluster | None = None) -> str:
+    if cluster is not None and cluster.multi:  # the folder may not exist yet: it will by the time a worker dies
+        return f"; continue with `python train.py --resume {run.path} --multi-worker` on every worker"
     return f"; continue with `python train.py --resume {run.path}`" if run.exists() else ""
 
 
@@ -123,6 +132,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           help="auto (default): bfloat16 on GPUs that support it, float16 on older GPUs, off on CPU")
     hardware.add_argument("--xla", choices=("auto", "on", "off"), default="auto",
                           help="XLA-compile the training step; auto (default): on with one GPU, off otherwise")
+    hardware.add_argument("--multi-worker", action="store_true",
+                          help="train on several machines (workers), the same command on each: the cluster from "
+                               "TF_CONFIG or Slurm (TensorFlow), or KERAS_DISTRIBUTION_* or Slurm (KERAS_BACKEND=jax); "
+                               "worker 0 writes the run folder, which every worker must see (a shared filesystem)")
     run_state.add_config_arguments(parser)
     return parser.parse_args(argv)
 
@@ -136,21 +149,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class Hardware:
     """Where and how the models train, set once per command from --devices, --mixed-precision and --xla."""
 
-    strategy: object  # a tf.distribute strategy: the default one, or MirroredStrategy over several devices
-    dtype: str  # the models' dtype policy: "float32", "mixed_bfloat16" or "mixed_float16"
+    strategy: object  # a tf.distribute strategy: the default one, MirroredStrategy over several devices, or
+    dtype: str  # MultiWorkerMirroredStrategy; the models' dtype policy: "float32", "mixed_bfloat16", "mixed_float16"
     jit_compile: bool
     devices: list[str]
+    cluster: Cluster = dataclasses.field(default_factory=Cluster)  # the workers, with --multi-worker
 
     @property
     def replicas(self) -> int:
         return self.strategy.num_replicas_in_sync
 
     def describe(self) -> str:
-        return (f"{self.replicas} replica(s) on {', '.join(self.devices)}; {self.dtype}; "
-                f"XLA {'on' if self.jit_compile else 'off'}")
+        where = (f"{self.cluster.describe()}, {self.cluster.local_replicas} replica(s) each" if self.cluster.multi
+                 else f"{self.replicas} replica(s) on {', '.join(self.devices)}")
+        return f"{where}; {self.dtype}; XLA {'on' if self.jit_compile else 'off'}"
+
+    def distribute(self, dataset):
+        """A worker's own batches as fit must get them: under MultiWorkerMirroredStrategy, as the input of its
+        replicas (each batch already this worker's share, cluster.local_batch); otherwise unchanged (one process's
+        strategy splits its global batches itself, and JAX's DataParallel takes each process's batch as it is)."""
+        if self.cluster.multi and self.cluster.backend == "tensorflow":
+            return self.strategy.distribute_datasets_from_function(lambda context: dataset)
+        return dataset
 
     def check_batches(self, config: Config) -> None:
         """Each global batch must split evenly over the replicas."""
+        if self.cluster.multi:
+            return  # checked by cluster.check_batch where the splits are read
         for field in ("batch_size", "prior_batch_size"):
             if getattr(config, field) % self.replicas:
                 raise UserError(f"{run_state.flag(field)} {getattr(config, field)} does not split evenly over "
@@ -159,8 +184,15 @@ class Hardware:
 
 
 def setup_hardware(args: argparse.Namespace) -> Hardware:
-    """Picks the devices, the precision and XLA. Must run before TensorFlow touches a device (logical CPU split)."""
+    """Picks the devices, the precision and XLA, and joins the cluster with --multi-worker. Must run before
+    TensorFlow touches a device (logical CPU split)."""
     import tensorflow as tf
+
+    if args.multi_worker:
+        if args.devices is not None:
+            raise UserError("--multi-worker uses every GPU of each worker; drop --devices")
+        if not args.resume and not args.name:
+            raise UserError("--multi-worker needs the run's --name (the same on every worker), or --resume RUN")
 
     with utils.native_stderr_captured() as probing:  # "failed call to cuInit" on every machine without a GPU
         gpus = tf.config.list_physical_devices("GPU")
@@ -169,6 +201,17 @@ def setup_hardware(args: argparse.Namespace) -> Hardware:
         if Path("/proc/driver/nvidia/version").exists():  # a driver, yet TensorFlow found no GPU: show its reasons
             print("an NVIDIA driver is installed, but TensorFlow cannot use the GPU; its start-up messages:\n"
                   + "".join(TENSORFLOW_STARTUP + probing), file=sys.stderr)
+    precision = args.mixed_precision
+    if precision == "auto":
+        precision = gpu_precision(gpus[0]) if gpus else "off"
+    dtype = "float32" if precision == "off" else f"mixed_{precision}"
+    if args.multi_worker:  # every GPU of every worker; XLA only when asked for
+        cluster = cluster_lib.join(keras.backend.backend())
+        print(f"cluster: {cluster.describe()}, {keras.backend.backend()} backend")
+        strategy = cluster.strategy or tf.distribute.get_strategy()  # JAX: keras.distribution's, set by join
+        names = [f"/gpu:{i}" if gpus else "/cpu:0" for i in range(max(len(gpus), 1))]
+        return Hardware(strategy, dtype, args.xla == "on", names, cluster)
+
     devices = args.devices if args.devices is not None else max(len(gpus), 1)
     if devices < 1:
         raise UserError(f"--devices must be 1 or more, got {devices}")
@@ -188,11 +231,6 @@ def setup_hardware(args: argparse.Namespace) -> Hardware:
             raise UserError("--devices > 1 without a GPU splits the CPU, which must happen before TensorFlow "
                             "starts; run train.py as its own process") from None
         strategy = tf.distribute.MirroredStrategy(names)
-
-    precision = args.mixed_precision
-    if precision == "auto":
-        precision = gpu_precision(gpus[0]) if gpus else "off"
-    dtype = "float32" if precision == "off" else f"mixed_{precision}"
     jit_compile = args.xla == "on" or (args.xla == "auto" and bool(gpus) and devices == 1)
     return Hardware(strategy, dtype, jit_compile, names)
 
@@ -211,15 +249,15 @@ def gpu_precision(gpu) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def open_run(args: argparse.Namespace) -> tuple[Run, Config, tuple[str, ...]]:
+def open_run(args: argparse.Namespace, cluster: Cluster = Cluster()) -> tuple[Run, Config, tuple[str, ...]]:
     """The run folder, its config and the stages this command trains; creates nothing (the stages do, once the
-    data has been read without error)."""
+    data has been read without error). Workers other than the chief get a read-only view of it."""
     if args.run:
         raise UserError(f"train.py has no --run; to train the prior of a run, type `python train.py --resume "
                         f"{args.run} --stage prior`")
     if not args.resume:
-        return new_run(args)
-    run = Run.open(args.resume)
+        return new_run(args, cluster)
+    run = Run.open(args.resume, read_only=not cluster.is_chief)
     config = run.read_config()
     stages = STAGES[args.stage] if args.stage else run.stages
     prior = run.stage("prior")
@@ -242,11 +280,12 @@ def open_run(args: argparse.Namespace) -> tuple[Run, Config, tuple[str, ...]]:
                         f"`python train.py --resume {run.path} --stage vqvae`")
     config = dataclasses.replace(config, **overrides)
     config.validate()
-    check_writable(run.path)
+    if cluster.is_chief:
+        check_writable(run.path)
     return run, config, stages
 
 
-def new_run(args: argparse.Namespace) -> tuple[Run, Config, tuple[str, ...]]:
+def new_run(args: argparse.Namespace, cluster: Cluster = Cluster()) -> tuple[Run, Config, tuple[str, ...]]:
     """A run folder to be made from the flags (on the OASIS preset, or the demo's with --demo)."""
     if args.stage in ("prior", "segmenter"):
         raise UserError(f"--stage {args.stage} trains the {args.stage} of an existing run: add --resume runs/NAME")
@@ -254,7 +293,9 @@ def new_run(args: argparse.Namespace) -> tuple[Run, Config, tuple[str, ...]]:
         raise UserError("--retrain trains the prior of an existing run again: add --resume runs/NAME --stage prior")
     config = run_state.config_from_args(args)
     config.validate()
-    run = Run(Path(config.runs_dir) / (config.name or run_state.new_run_name()))
+    run = Run(Path(config.runs_dir) / (config.name or run_state.new_run_name()), read_only=not cluster.is_chief)
+    if run.read_only:  # the chief makes the folder, and checks what it must
+        return run, config, STAGES[args.stage or "all"]
     if run.exists():
         raise UserError(f"run folder {run.path} already exists; continue it with `python train.py --resume "
                         f"{run.path}`, or pick another --name")
@@ -280,15 +321,16 @@ def check_writable(folder: Path) -> None:
 def train_vqvae(run: Run, config: Config, hardware: Hardware, data: dict | None, retrain: bool = False) -> None:
     """Trains (or, after a crash, continues) the VQ-VAE of a run on the images of load_training_images,
     checkpointing every epoch."""
+    hardware.cluster.barrier()  # what the chief wrote before, every worker reads now
     stage = run.stage("vqvae")
     if retrain and (stage.epochs_done or run.stage("prior").epochs_done):
         print(f"retraining the VQ-VAE of {run.path} from scratch; its prior, which learned the old codes, is "
               "discarded with it")
         run.discard_stages_from("vqvae")
-    if stage.finished:
+    if stage.finished and not retrain:
         print(f"the VQ-VAE of {run.path} is trained already")
         return
-    steps_per_epoch = int(np.ceil(data["num_train"] / config.batch_size))
+    steps_per_epoch = hardware.cluster.steps(data["num_train"], config.batch_size)
     model = stage_model(stage, config.epochs, hardware, config.seed,
                         lambda dtype, jit: modules.new_vqvae(config, steps_per_epoch, dtype, jit))
     floors = {name: float(np.mean(utils.ssim(data["val_images"], images)))
@@ -304,15 +346,16 @@ def train_vqvae(run: Run, config: Config, hardware: Hardware, data: dict | None,
                  Checkpoint(stage)]
     print(f"VQ-VAE: {model.count_params():,} parameters, code grid {config.grid_size}x{config.grid_size}, "
           f"K={config.num_embeddings}, D={config.embedding_dim}")
-    model.fit(data["train"], initial_epoch=stage.epochs_done, epochs=config.epochs, callbacks=callbacks,
-              verbose=fit_verbosity(), shuffle=False)  # the dataset shuffles itself
+    model.fit(hardware.distribute(data["train"]), initial_epoch=stage.epochs_done, epochs=config.epochs,
+              callbacks=callbacks, verbose=fit_verbosity(), shuffle=False)  # the dataset shuffles itself
 
     history = curves.history
     val_recon, val_codes = utils.reconstruct(model, data["val_images"])
     show = np.linspace(0, len(val_recon) - 1, 8).astype(int)
-    utils.plot_image_rows(run.figure("recon"), {"validation originals": data["val_images"][show],
-                                                "reconstructions": val_recon[show]},
-                          title=f"VQ-VAE reconstructions, mean validation SSIM {history['val_ssim'][-1]:.3f}")
+    if not run.read_only:
+        utils.plot_image_rows(run.figure("recon"), {"validation originals": data["val_images"][show],
+                                                    "reconstructions": val_recon[show]},
+                              title=f"VQ-VAE reconstructions, mean validation SSIM {history['val_ssim'][-1]:.3f}")
     usage = utils.codebook_usage(val_codes, config.num_embeddings)
     metrics = {"epochs": config.epochs, "train_seconds": round(history["seconds"][-1], 1),
                "hardware": hardware.describe(), "val_ssim": history["val_ssim"][-1], "val_ssim_floors": floors,
@@ -325,15 +368,21 @@ def train_vqvae(run: Run, config: Config, hardware: Hardware, data: dict | None,
           f"(floors: {floors_text}); codes used {usage['codes_used']}/{config.num_embeddings}")
 
 
-def load_training_images(config: Config, demo: bool) -> dict:
-    """Finds, checks and decodes the train and validation splits (before any run folder is created)."""
-    if demo and not Path(config.data_dir).exists():
+def load_training_images(config: Config, demo: bool, hardware: Hardware) -> dict:
+    """Finds, checks and decodes the train and validation splits (before any run folder is created); of the train
+    split, this worker's shard."""
+    cluster = hardware.cluster
+    if demo and not Path(config.data_dir).exists() and cluster.is_chief:
         dataset.make_demo(config.data_dir)
+    cluster.barrier()  # the chief's demo set is written
     train_files = dataset.split_files(config.data_dir, "train")
     val_files = dataset.split_files(config.data_dir, "validate")
     print(f"data: {len(train_files)} train / {len(val_files)} validation slices from {config.data_dir}, "
           f"at {config.image_size}x{config.image_size}")
-    train = dataset.make_dataset(train_files, config.image_size, config.batch_size, shuffle=True, seed=config.seed)
+    cluster.check_batch("--batch-size", config.batch_size, len(train_files), "train")
+    train = dataset.make_dataset(cluster.shard(train_files), config.image_size, cluster.local_batch(config.batch_size),
+                                 shuffle=True, seed=config.seed,
+                                 epoch_size=cluster.epoch_size(len(train_files), config.batch_size))
     val_images = dataset.load_images(val_files, config.image_size)
     # Train SSIM is measured on a fixed sample of training slices as large as the validation split.
     pick = np.random.default_rng(config.seed).choice(len(train_files), min(len(val_files), len(train_files)),
@@ -349,13 +398,16 @@ def load_training_images(config: Config, demo: bool) -> dict:
 
 def train_prior(run: Run, config: Config, hardware: Hardware, retrain: bool = False) -> None:
     """Trains (or, after a crash, continues) the prior of a run on its cached codes, checkpointing every epoch."""
+    hardware.cluster.barrier()  # the chief has written the trained VQ-VAE
     stage = run.stage("prior")
     if stage.finished and not retrain:
         print(f"the prior of {run.path} is trained already; to train it again: `python train.py --resume "
               f"{run.path} --stage prior --retrain`")
         return
-    vqvae = run.stage("vqvae").load_model()
-    cached = {split: encoded_split(run, vqvae, config, split) for split in ("train", "validate")}
+    with cluster_lib.alone():  # each worker encodes its own shard with its own copy
+        vqvae = run.stage("vqvae").load_model()
+    cached = {split: encoded_split(run, vqvae, config, split, cluster=hardware.cluster)
+              for split in ("train", "validate")}
     if config.prior_position_frequencies and any(positions is None for _, positions in cached.values()):
         print("note: the file names carry no slice numbers (like case_001_slice_12.nii.png), so the prior is "
               "unconditional")
@@ -364,7 +416,10 @@ def train_prior(run: Run, config: Config, hardware: Hardware, retrain: bool = Fa
     if retrain:
         print(f"retraining the prior of {run.path} from scratch")
         run.discard_stages_from("prior")
-    steps_per_epoch = int(np.ceil(len(cached["train"][0]) / config.prior_batch_size))
+    cluster = hardware.cluster
+    for split, (codes, _) in cached.items():
+        cluster.check_batch("--prior-batch-size", config.prior_batch_size, len(codes), split)
+    steps_per_epoch = cluster.steps(len(cached["train"][0]), config.prior_batch_size)
     prior = stage_model(stage, config.prior_epochs, hardware, config.seed,
                         lambda dtype, jit: modules.new_prior(config, steps_per_epoch, dtype, jit))
     curves = CurveWriter(stage, [(run.figure("prior_loss"), {"bits_per_code": "train",
@@ -383,17 +438,17 @@ def train_prior(run: Run, config: Config, hardware: Hardware, retrain: bool = Fa
     if prior.layout_levels:
         print(f"two-level prior: a {prior.layout_shape[0]}x{prior.layout_shape[1]} layout of "
               f"{prior.layout_levels} intensity levels first, then the codes given it")
-    validation = prior_inputs(prior, *cached["validate"], vqvae)
     if config.prior_augment:
-        flipped = encoded_split(run, vqvae, config, "train", flipped=True)
+        flipped = encoded_split(run, vqvae, config, "train", flipped=True, cluster=cluster)
         print(f"augmentation: the training slices and their mirror images, each grid shifted by -{config.prior_augment}"
               f", 0 or +{config.prior_augment} codes at random")
-        batches = augmented_batches(prior, cached["train"], flipped, config, vqvae)
+        batches = augmented_batches(prior, cached["train"], flipped, config, vqvae, cluster)
     else:
-        batches = dataset.array_dataset(*prior_inputs(prior, *cached["train"], vqvae), config.prior_batch_size,
-                                        shuffle=True, seed=config.seed)
+        batches = local_batches(cluster, prior_inputs(prior, *cached["train"], vqvae), config.prior_batch_size,
+                                shuffle=True, seed=config.seed)
+    validation = local_batches(cluster, prior_inputs(prior, *cached["validate"], vqvae), config.prior_batch_size)
     best = BestWeights()
-    prior.fit(batches, validation_data=dataset.array_dataset(*validation, config.prior_batch_size),
+    prior.fit(hardware.distribute(batches), validation_data=hardware.distribute(validation),
               initial_epoch=stage.epochs_done, epochs=config.prior_epochs, callbacks=[*callbacks, best],
               verbose=fit_verbosity(), shuffle=False)  # the dataset shuffles itself
     history = curves.history
@@ -417,6 +472,7 @@ def train_prior(run: Run, config: Config, hardware: Hardware, retrain: bool = Fa
 def train_segmenter(run: Run, config: Config, hardware: Hardware, retrain: bool = False) -> None:
     """Trains (or continues) the run's tissue segmenter on the training slices and their segmentations; skipped,
     with a line, when the data has none."""
+    hardware.cluster.barrier()
     stage = run.stage("segmenter")
     if stage.finished and not retrain:
         print(f"the tissue segmenter of {run.path} is trained already")
@@ -432,15 +488,17 @@ def train_segmenter(run: Run, config: Config, hardware: Hardware, retrain: bool 
     if retrain:
         print(f"retraining the tissue segmenter of {run.path} from scratch")
         run.discard_stages_from("segmenter")
-    steps_per_epoch = int(np.ceil(len(labels) / config.batch_size))
+    cluster = hardware.cluster
+    cluster.check_batch("--batch-size", config.batch_size, len(labels), "train")
+    steps_per_epoch = cluster.steps(len(labels), config.batch_size)
     model = stage_model(stage, config.segmenter_epochs, hardware, config.seed,
                         lambda dtype, jit: modules.new_segmenter(config, steps_per_epoch, class_weights(labels),
                                                                  dtype, jit))
     curves = CurveWriter(stage, [])
-    batches = dataset.array_dataset(train_split.images, labels.astype("int32"), config.batch_size, shuffle=True,
-                                    seed=config.seed)
+    batches = local_batches(cluster, (train_split.images, labels.astype("int32")), config.batch_size, shuffle=True,
+                            seed=config.seed)
     print(f"tissue segmenter: {model.count_params():,} parameters, a U-Net of {len(model.channels)} levels")
-    model.fit(batches, initial_epoch=stage.epochs_done, epochs=config.segmenter_epochs,
+    model.fit(hardware.distribute(batches), initial_epoch=stage.epochs_done, epochs=config.segmenter_epochs,
               callbacks=[StopOnDivergence(stage, "--segmenter-learning-rate", config.segmenter_learning_rate),
                          curves, Checkpoint(stage)], verbose=fit_verbosity(), shuffle=False)
     dice = realism.dice(realism.segment(model, val.images), val_labels)
@@ -459,11 +517,12 @@ def class_weights(labels: np.ndarray) -> list[float]:
     return [float(w) for w in weights / np.sum(share * weights)]
 
 
-def encoded_split(run: Run, vqvae, config: Config, split: str, flipped: bool = False,
-                  chunk: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
+def encoded_split(run: Run, vqvae, config: Config, split: str, flipped: bool = False, chunk: int = 1024,
+                  cluster: Cluster = Cluster()) -> tuple[np.ndarray, np.ndarray | None]:
     """The (N, h, w) int16 code grids of a split and the (N,) slice positions of its files (None when the names carry
     no slice numbers): encoded once, `chunk` files at a time, then read from the run folder. flipped: of the slices
-    mirrored left-right (the encoder is not mirror-symmetric, so these are other grids, not mirrored ones)."""
+    mirrored left-right (the encoder is not mirror-symmetric, so these are other grids, not mirrored ones). Several
+    workers encode a shard each, gathered into the whole split on every worker; the chief caches it."""
     files = dataset.split_files(config.data_dir, split)
     name = split + "_flipped" * flipped
     cached = run.read_codes(name)
@@ -474,18 +533,23 @@ def encoded_split(run: Run, vqvae, config: Config, split: str, flipped: bool = F
               "encoding them again")
     start = time.time()
     order = slice(None, None, -1 if flipped else 1)
-    codes = np.concatenate([utils.batched(vqvae.encode, dataset.load_images(files[i:i + chunk], config.image_size)[
-        :, :, order]) for i in range(0, len(files), chunk)]).astype(np.int16)
+    mine = cluster.shard(files)
+    padded = list(cluster.pad_shard(np.asarray(mine), len(files)))  # every worker encodes as many, in the same calls
+    codes = np.concatenate([utils.batched(vqvae.encode, dataset.load_images(padded[i:i + chunk], config.image_size)[
+        :, :, order]) for i in range(0, len(padded), chunk)]).astype(np.int16)
+    codes = cluster.gather(codes[:len(mine)], len(files))
     positions = dataset.slice_positions(files)
     run.write_codes(name, codes, positions)
-    print(f"encoded the {split} split{', mirrored,' * flipped}: {codes.shape[0]} code grids of "
+    workers = f" by {cluster.workers} workers" if cluster.multi else ""
+    print(f"encoded the {split} split{' (mirrored)' * flipped}{workers}: {codes.shape[0]} code grids of "
           f"{codes.shape[1]}x{codes.shape[2]} in {time.time() - start:.0f} s")
     return codes, positions
 
 
-def augmented_batches(prior, train: tuple, flipped: tuple, config: Config, vqvae):
+def augmented_batches(prior, train: tuple, flipped: tuple, config: Config, vqvae, cluster: Cluster = Cluster()):
     """The prior's training batches with --prior-augment: the training grids and their mirror images' grids, an
-    epoch of as many grids as the training split has, each shifted at random (dataset.shifted_code_batches)."""
+    epoch of as many grids as the training split has, each shifted at random (dataset.shifted_code_batches); of
+    this worker's shard of both."""
     codes = np.concatenate([train[0], flipped[0]]).astype("int32")
     arrays = {"codes": codes}
     if prior.num_conditions:
@@ -495,14 +559,26 @@ def augmented_batches(prior, train: tuple, flipped: tuple, config: Config, vqvae
     if prior.layout_levels:
         arrays["layout"] = utils.code_layouts(vqvae, codes, prior.layout_levels).astype("int32")
         fills["layout"] = int(np.bincount(arrays["layout"][:, 0, 0]).argmax())
-    examples = dataset.shifted_code_batches(arrays, config.prior_augment, fills, config.prior_batch_size,
-                                            epoch_size=len(train[0]), seed=config.seed)
+    arrays = {key: np.concatenate([cluster.shard(half) for half in np.split(array, 2)])
+              for key, array in arrays.items()}  # this worker's slices, and their mirror images
+    examples = dataset.shifted_code_batches(arrays, config.prior_augment, fills,
+                                            cluster.local_batch(config.prior_batch_size),
+                                            epoch_size=cluster.epoch_size(len(train[0]), config.prior_batch_size)
+                                            or len(train[0]), seed=config.seed)
     def packed(example):  # a tuple where the prior takes a list: tf.data cannot return lists
         inputs = prior.pack_inputs(example["codes"], example.get("condition"), example.get("layout"))
         return tuple(inputs) if isinstance(inputs, list) else inputs, prior.pack_targets(example["codes"],
                                                                                         example.get("layout"))
 
     return examples.map(packed)
+
+
+def local_batches(cluster: Cluster, arrays: tuple, global_batch: int, shuffle: bool = False, seed: int = 0):
+    """(inputs, targets) arrays of a whole split -> this worker's batches of its shard (dataset.array_dataset)."""
+    total = len(keras.tree.flatten(arrays)[0])
+    inputs, targets = keras.tree.map_structure(cluster.shard, arrays)
+    return dataset.array_dataset(inputs, targets, cluster.local_batch(global_batch), shuffle=shuffle, seed=seed,
+                                 epoch_size=cluster.epoch_size(total, global_batch))
 
 
 def prior_inputs(prior, codes: np.ndarray, positions: np.ndarray | None, vqvae) -> tuple:
@@ -533,6 +609,7 @@ def seed_everything(seed: int) -> None:
 def stage_model(stage: run_state.Stage, epochs: int, hardware: Hardware, seed: int, build):
     """The model of a stage on the hardware: its checkpoint when resuming (with the weights, the optimizer state
     and the precision it started with), else build(dtype, jit_compile) from the run's seed."""
+    hardware.cluster.barrier()  # the chief has discarded what a --retrain discards
     with hardware.strategy.scope():  # variables created here are mirrored on every replica
         if not stage.epochs_done:
             seed_everything(seed)
@@ -598,7 +675,8 @@ class BestWeights(keras.callbacks.Callback):
         if self.weights is None or self.epoch == epochs:
             return epochs
         model.set_weights(self.weights)
-        stage.save_checkpoint(model, epochs_done=epochs)
+        with cluster_lib.alone():
+            stage.save_checkpoint(model, epochs_done=epochs)
         print(f"kept the weights of epoch {self.epoch}, whose validation NLL ({self.best / np.log(2):.3f} bits/code) "
               f"was the lowest")
         return self.epoch
@@ -668,7 +746,7 @@ class CurveWriter(keras.callbacks.Callback):
         for key, value in logs.items():
             self.history.setdefault(key, []).append(float(value))
         self.stage.write_history(self.history)
-        for path, series, ylabel, title, floors in self.plots:
+        for path, series, ylabel, title, floors in self.plots if not self.stage.run.read_only else ():
             utils.plot_curves(path, self.history, series, ylabel, title, floors=floors)
 
 
@@ -680,7 +758,8 @@ class Checkpoint(keras.callbacks.Callback):
         self.stage = stage
 
     def on_epoch_end(self, epoch, logs=None):
-        self.stage.save_checkpoint(self.model, epochs_done=epoch + 1)
+        with cluster_lib.alone():  # only the chief writes (a read-only Run skips it)
+            self.stage.save_checkpoint(self.model, epochs_done=epoch + 1)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -58,20 +59,25 @@ def script_main(body, argv: list[str] | None) -> int:
     return 0
 
 
+WRITING = threading.RLock()  # held inside signals_deferred: cluster.py's watch waits for it before it exits
+
+
 @contextlib.contextmanager
 def signals_deferred():
     """Holds Ctrl-C and SIGTERM until the block has ended, so that what it writes together (a checkpoint and the
-    epoch count that vouches for it) is written together."""
+    epoch count that vouches for it) is written together. It holds WRITING too, which a worker that stops because
+    another died takes before it exits."""
     received: list[int] = []
-    previous = {number: signal.signal(number, lambda number, frame: received.append(number))
-                for number in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        if received:
-            signal.raise_signal(received[0])  # now handled as usual: Interrupted, or the default action
+    with WRITING:
+        previous = {number: signal.signal(number, lambda number, frame: received.append(number))
+                    for number in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+    if received:
+        signal.raise_signal(received[0])  # now handled as usual: Interrupted, or the default action
 
 
 @contextlib.contextmanager
