@@ -136,9 +136,10 @@ class Cluster:
         replica of each worker contributes its array; a worker with several GPUs has several replicas)."""
         import tensorflow as tf
 
-        value = self.strategy.experimental_distribute_values_from_function(lambda context: tf.constant(array)[None])
+        wide = array.astype(np.int64 if np.issubdtype(array.dtype, np.integer) else np.float32)  # what it gathers
+        value = self.strategy.experimental_distribute_values_from_function(lambda context: tf.constant(wide)[None])
         gathered = self.strategy.gather(value, axis=0).numpy()  # (replicas, *shape), worker by worker
-        return gathered[::self.local_replicas]
+        return gathered[::self.local_replicas].astype(array.dtype)
 
     # the watch ----------------------------------------------------------------------------------------------------
     def watch(self, chief_host: str, port: int) -> None:
@@ -184,8 +185,8 @@ class Cluster:
             return
         who = "the chief (worker 0)" if index == 0 else f"worker {index}"
         with WRITING:  # not in the middle of a checkpoint and the epoch count that vouches for it
-            print(f"error: {who} of {self.workers} stopped (its process ended without finishing), so worker "
-                  f"{self.index} stops too; its own log says why{self.hint}", file=sys.stderr, flush=True)
+            print(f"error: {who} of {self.workers} stopped before the training ended (its own log may say why), so worker "
+                  f"{self.index} stops too; the epochs saved so far are kept{self.hint}", file=sys.stderr, flush=True)
             os._exit(1)
 
     def leave(self) -> None:
@@ -268,6 +269,7 @@ def _join_tensorflow() -> tuple[Cluster, str, int]:
     if len(workers) < 2:
         raise UserError(f"the cluster has {len(workers)} worker(s); --multi-worker needs 2 or more (a single machine "
                         "trains without it)")
+    tf.get_logger().setLevel("ERROR")  # each barrier and gather would warn that it traces a function again
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=options)
     _patch_keras_for_multi_worker()
