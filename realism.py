@@ -11,7 +11,7 @@ from scipy import ndimage, stats
 
 import dataset
 import modules
-from utils import BRAIN_THRESHOLD, batched, code_layouts, downsized, nearest_ssim, reconstruct, summarize
+from utils import BRAIN_THRESHOLD, batched, code_layouts, depth_bands, downsized, nearest_ssim, reconstruct, summarize
 
 # The judge and how it is trained: docs/experiments.md ("The realism judge") measured these against the alternatives.
 JUDGE_CHANNELS = (8, 16, 32, 64)  # the judge's four strided convolutions
@@ -311,7 +311,7 @@ def tissue_statistics(images: np.ndarray, labels: np.ndarray, positions: np.ndar
     """Per depth band (BANDS of [0, 1]): the slices' mean tissue fractions of the brain, mean intensity of each
     tissue (gray/white contrast), mean tissue maps (the share of slices with that tissue at each pixel) and the
     per-slice shape statistics (shape_of), as lists; None for a band without slices."""
-    band = np.minimum((np.asarray(positions) * BANDS).astype(int), BANDS - 1)
+    band = depth_bands(positions, BANDS)
     bands = []
     for b in range(BANDS):
         mine = np.flatnonzero(band == b)

@@ -434,6 +434,11 @@ def plot_histogram(path: Path, values: dict, xlabel: str, title: str) -> None:
 TISSUE_COLOURS = np.array([[0, 0, 0], [0.9, 0.2, 0.2], [0.3, 0.8, 0.3], [0.3, 0.5, 1.0]])  # bg, CSF, gray, white
 
 
+def depth_bands(positions, bands: int) -> np.ndarray:
+    """The depth band (0 .. bands - 1) of each slice position in [0, 1]: bands equal parts, 1.0 in the last."""
+    return np.minimum((np.asarray(positions) * bands).astype(int), bands - 1)
+
+
 def plot_anatomy(path: Path, stats: dict, generated: tuple, tissues: tuple, bands: int) -> None:
     """The tissue report's figure: per depth band (columns), the real test slices' and the samples' mean tissue
     maps (CSF red, gray matter green, white matter blue), a sample with its tissue map; below, per band, the tissue
@@ -441,7 +446,7 @@ def plot_anatomy(path: Path, stats: dict, generated: tuple, tissues: tuple, band
     (per set: per band statistics; "labels": per set label maps); generated: (images, depths) of the samples."""
     plt = _pyplot()
     images, depths = generated
-    band_of = np.minimum((np.asarray(depths) * bands).astype(int), bands - 1)
+    band_of = depth_bands(depths, bands)
     fig = plt.figure(figsize=(2.0 * bands, 12.5))
     grid = fig.add_gridspec(6, bands, height_ratios=[1, 1, 1, 1, 0.9, 0.9], hspace=0.35)
     rows = ("real test: mean tissue map", "samples: mean tissue map", "a sample", "its tissue map")
