@@ -11,8 +11,9 @@ Data-parallel, synchronous: every worker holds the whole model, reads its own sh
 i + 2n, ... of the split for worker i of n), and every step averages the gradients of the global batch. Worker 0, the
 chief, writes the run folder; the others read it (on a filesystem all workers share) and write nothing there.
 
-A watch (one TCP connection from every worker to the chief, on the chief's port + 1) stops the others with one line
-when a worker dies: the engines' own detectors take minutes and end in a C++ stack trace, or wait forever.
+A watch (one TCP connection from every worker to the chief, on the JAX coordinator's port + 1, or TensorFlow's highest
+worker port + 1) stops the others with one line when a worker dies: the engines' own detectors take minutes and end
+in a C++ stack trace, or wait for the collective's timeout.
 """
 
 from __future__ import annotations
