@@ -44,6 +44,8 @@ class Cluster:
     backend: str = ""
     strategy: object = None  # TensorFlow: the MultiWorkerMirroredStrategy
     local_replicas: int = 1  # TensorFlow: the replicas (GPUs) of each worker; JAX: 1, a process takes one batch
+    hint: str = ""  # what the watch's line adds: the command that continues the run
+    _peers: list = dataclasses.field(default_factory=list, repr=False)  # the watch's connections
 
     @property
     def is_chief(self) -> bool:
@@ -146,8 +148,6 @@ class Cluster:
     def watch(self, chief_host: str, port: int) -> None:
         """Starts the watch: the chief listens on `port` for the other workers' connections; when one of them
         closes without saying goodbye (its process died), every worker still running prints one line and exits 1."""
-        self.hint = ""
-        self._peers: list[socket.socket] = []
         if self.is_chief:
             server = socket.create_server(("", port), reuse_port=False)
             threading.Thread(target=self._accept, args=(server,), daemon=True).start()
@@ -192,7 +192,7 @@ class Cluster:
 
     def leave(self) -> None:
         """Says goodbye to the watched peers: this worker ends on purpose (done, or with an error of its own)."""
-        for peer in getattr(self, "_peers", []):
+        for peer in self._peers:
             try:
                 peer.sendall(b"bye")
             except OSError:

@@ -746,7 +746,9 @@ class CurveWriter(keras.callbacks.Callback):
         for key, value in logs.items():
             self.history.setdefault(key, []).append(float(value))
         self.stage.write_history(self.history)
-        for path, series, ylabel, title, floors in self.plots if not self.stage.run.read_only else ():
+        if self.stage.run.read_only:
+            return  # another worker's view: the chief draws the plots
+        for path, series, ylabel, title, floors in self.plots:
             utils.plot_curves(path, self.history, series, ylabel, title, floors=floors)
 
 

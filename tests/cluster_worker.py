@@ -41,7 +41,8 @@ def main() -> None:
     cluster = hardware.cluster
     files = dataset.split_files(data, "train")
     images = dataset.load_images(files, config.image_size)
-    codes = np.random.default_rng(0).integers(0, config.num_embeddings, (GRIDS, config.grid_size, config.grid_size)).astype("int32")
+    grid = (GRIDS, config.grid_size, config.grid_size)
+    codes = np.random.default_rng(0).integers(0, config.num_embeddings, grid).astype("int32")
     stage = run_state.Run(out / "no-run").stage  # a run that was never made: new models, from the seed
 
     if multi:
@@ -63,14 +64,13 @@ def main() -> None:
     steps = cluster.steps(len(files), config.batch_size)
     vqvae = train.stage_model(stage("vqvae"), 1, hardware, config.seed,
                               lambda dtype, jit: train.modules.new_vqvae(config, steps, dtype, jit))
-    initial = {f"init_{i}": w for i, w in enumerate(vqvae.get_weights())}
     vqvae.fit(hardware.distribute(pixels), epochs=1, verbose=0, shuffle=False)
     prior_steps = cluster.steps(GRIDS, config.prior_batch_size)
     prior = train.stage_model(stage("prior"), 1, hardware, config.seed,
                               lambda dtype, jit: train.modules.new_prior(config, prior_steps, dtype, jit))
     prior.fit(hardware.distribute(grids), epochs=1, verbose=0, shuffle=False)
 
-    results = {f"vqvae_{i}": w for i, w in enumerate(vqvae.get_weights())} | initial
+    results = {f"vqvae_{i}": w for i, w in enumerate(vqvae.get_weights())}
     results.update({f"prior_{i}": w for i, w in enumerate(prior.get_weights())})
     if multi:
         np.savez(out / f"worker_{cluster.index}.npz", **results, **seen)
