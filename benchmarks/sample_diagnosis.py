@@ -1,0 +1,62 @@
+"""Where do the samples lose their anatomy? One figure of a run, three questions (issue 25's diagnosis):
+
+- do the codes carry ventricles and the cortical ribbon? (the VQ-VAE's reconstructions of a test subject)
+- does the prior know the layout? (greedy samples, T = 0) Is it sampling entropy? (T = 0.7 and 1)
+- with a two-level prior: is it the layout or the codes? (codes drawn at T = 1 given the test slices' own layouts)
+
+    python -m benchmarks.sample_diagnosis --run runs/base --out /tmp/diagnosis
+
+Rows: a test subject at 8 depths, its reconstructions, then samples at the same depths. Writes DIR/diagnosis.png and
+prints the prior's bits per code on the validation split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import dataset
+import predict
+import run_state
+import utils
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.7, 1.0])
+    args = parser.parse_args(argv)
+    run = run_state.Run.open(args.run, read_only=True)
+    config, vqvae = run.read_config(), run.load_vqvae()
+    prior = run.stage("prior").load_model(float32=True)
+    test = dataset.Split.load(config.data_dir, "test", config.image_size)
+    subjects = test.subjects()
+    mine = np.flatnonzero(subjects == subjects[0])
+    mine = mine[np.argsort(test.positions[mine])]
+    pick = mine[np.linspace(0, len(mine) - 1, 8).round().astype(int)]
+    real, depths = test.images[pick], test.positions[pick]
+    reconstructions, codes = utils.reconstruct(vqvae, real)
+    rows = {f"real: test {subjects[0]}": real, "reconstructed": reconstructions}
+    for temperature in args.temperatures:
+        sample = predict.make_sampler(prior, temperature, args.seed)
+        rows[f"T={temperature}"] = utils.batched(vqvae.decode, sample(8, depths))
+        if temperature:
+            rows[f"T={temperature} (2)"] = utils.batched(vqvae.decode, sample(8, depths, stream=1))
+    if prior.layout_levels:
+        layouts = utils.code_layouts(vqvae, codes, prior.layout_levels)
+        sample = predict.make_sampler(prior, 1.0, args.seed)
+        rows["T=1 given the real layouts"] = utils.batched(vqvae.decode, sample(8, depths, layouts=layouts))
+    args.out.mkdir(parents=True, exist_ok=True)
+    utils.plot_image_rows(args.out / "diagnosis.png", rows, title=f"{args.run}: where the anatomy is lost",
+                          captions={f"real: test {subjects[0]}": [f"depth {d:.2f}" for d in depths]})
+    print(f"wrote {args.out / 'diagnosis.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
