@@ -1,6 +1,7 @@
 """The OASIS preset end to end within a time budget, on any Keras backend; made for a GPU machine with JAX and no
 TensorFlow. Builds an OASIS-sized demo set in memory (the demo builder, one process per core), trains the
-OASIS-preset VQ-VAE with codebook restarts, encodes the slices, trains the depth-conditioned prior, and samples.
+OASIS-preset VQ-VAE with codebook restarts, encodes the slices (and their mirror images), trains the
+depth-conditioned prior on flipped and shifted grids as train.py's OASIS preset does (--prior-augment 2), and samples.
 
     KERAS_BACKEND=jax python -m benchmarks.oasis_budget --budget 1200          # 300/35/17 subjects, as OASIS
     KERAS_BACKEND=jax python -m benchmarks.oasis_budget --budget 240 --subjects 6 2 2 --batch-size 16 --samples 2  # CPU check
@@ -62,6 +63,34 @@ def build_set(subjects: tuple[int, int, int], workers: int) -> dict:
 
 def as_images(slices: np.ndarray) -> np.ndarray:
     return (slices[..., None] / np.float32(255)).astype("float32")
+
+
+class ShiftedGrids(keras.utils.PyDataset):
+    """([codes, depth features], codes) batches for the prior as train.py's --prior-augment makes them, in NumPy (the
+    GPU machine has no TensorFlow): the training grids and their mirror images' grids, each batch's grids moved by a
+    random -shift, 0 or +shift codes along each axis, the empty frame's code filling what a move uncovers; an epoch
+    as many grids as the training split, reshuffled each epoch."""
+
+    def __init__(self, codes: np.ndarray, features: np.ndarray, shift: int, batch_size: int, seed: int):
+        super().__init__()
+        self.codes, self.features, self.shift, self.batch_size = codes, features, shift, batch_size
+        self.fill = np.bincount(codes[:, 0, 0]).argmax()  # the corner code: an empty frame
+        self.rng = np.random.default_rng(seed)
+        self.on_epoch_end()
+
+    def __len__(self):
+        return math.ceil(len(self.codes) / 2 / self.batch_size)  # the unmirrored split's size
+
+    def __getitem__(self, index):
+        picks = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        s, (h, w) = self.shift, self.codes.shape[1:]
+        padded = np.pad(self.codes[picks], ((0, 0), (s, s), (s, s)), constant_values=self.fill)
+        offsets = self.rng.integers(0, 3, (len(picks), 2)) * s  # 0, s or 2s into the padded grid: a move of s, 0, -s
+        grids = np.stack([g[dy:dy + h, dx:dx + w] for g, (dy, dx) in zip(padded, offsets)])
+        return (grids, self.features[picks]), grids
+
+    def on_epoch_end(self):
+        self.order = self.rng.permutation(len(self.codes))
 
 
 class Batches(keras.utils.PyDataset):
@@ -142,10 +171,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{vqvae_steps} steps ({vqvae_steps / steps_per_epoch:.1f} epochs); held-out SSIM {held_out:.4f} beside "
           f"the bilinear x{config.downsample} floor {floor:.4f}")
 
-    # Stage 2: the depth-conditioned prior on the code grids
-    codes = np.concatenate([np.asarray(evaluated.encode(as_images(train_slices[i:i + 64])))
-                            for i in range(0, len(train_slices), 64)]).astype("int32")
+    # Stage 2: the depth-conditioned prior on the code grids (with the preset's flips and shifts, as train.py)
+    def encoded(slices):
+        return np.concatenate([np.asarray(evaluated.encode(as_images(slices[i:i + 64])))
+                               for i in range(0, len(slices), 64)]).astype("int32")
+
+    codes = encoded(train_slices)
     features = np.asarray(modules.slice_position_features(data["train"][1], config.prior_position_frequencies))
+    if config.prior_augment:
+        grids = ShiftedGrids(np.concatenate([codes, encoded(train_slices[:, :, ::-1])]),
+                             np.concatenate([features, features]), config.prior_augment, config.prior_batch_size,
+                             config.seed)
     prior_steps_per_epoch = math.ceil(len(codes) / config.prior_batch_size)
 
     def new_prior(epochs):
@@ -153,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
                                  jit_compile=True)
 
     def prior_fit(prior, **kwargs):
-        prior.fit([codes, features], codes, batch_size=config.prior_batch_size, **kwargs)
+        if config.prior_augment:
+            prior.fit(grids, **kwargs)
+        else:
+            prior.fit([codes, features], codes, batch_size=config.prior_batch_size, **kwargs)
 
     probe = new_prior(1)
     prior_fit(probe, epochs=1, steps_per_epoch=1, verbose=0)
@@ -187,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "subjects": list(args.subjects), "budget_s": args.budget, "batch": config.batch_size,
         "learning_rate": config.learning_rate, "vqvae_images_per_s": round(vqvae_rate, 1),
         "vqvae_s_per_oasis_epoch": round(OASIS_TRAIN_SLICES / vqvae_rate, 1), "vqvae_steps": vqvae_steps,
-        "prior_steps": stop.steps,
+        "prior_steps": stop.steps, "prior_augment": config.prior_augment,
         "held_out_ssim": round(held_out, 4), "bilinear_floor_ssim": round(floor, 4),
         "prior_grids_per_s": round(prior_rate, 1), "prior_s_per_oasis_epoch": round(OASIS_TRAIN_SLICES / prior_rate, 1),
         "sampler_compile_s": round(compile_seconds, 2), "sample_s": round(sample_seconds, 3),
