@@ -6,8 +6,7 @@
 
     python -m benchmarks.sample_diagnosis --run runs/base --out /tmp/diagnosis
 
-Rows: a test subject at 8 depths, its reconstructions, then samples at the same depths. Writes DIR/diagnosis.png and
-prints the prior's bits per code on the validation split.
+Rows: a test subject at 8 depths, its reconstructions, then samples at the same depths. Writes DIR/diagnosis.png.
 """
 
 from __future__ import annotations
