@@ -59,6 +59,8 @@ def evaluate_and_generate(argv: list[str] | None = None) -> None:
                         f"{args.realism_draws}")
     if args.temperature < 0:
         raise UserError(f"--temperature must be 0 or more, got {args.temperature}")
+    if args.guidance < 0:
+        raise UserError(f"--guidance must be 0 or more (1: none), got {args.guidance}")
     for position in args.slice_position or ():
         if not 0 <= position <= 1:
             raise UserError(f"--slice-position takes depths from 0 (the subject's first slice) to 1 (its last), "
@@ -103,6 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "default: drawn from the training slices' depths")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="divides the prior's logits; below 1 is more conservative, 0 takes the argmax")
+    parser.add_argument("--guidance", type=float, default=1.0, metavar="S",
+                        help="classifier-free guidance on depth: logits_u + S (logits_c - logits_u); 1 (default) is "
+                             "the prior as trained, above 1 weighs the depth more (a prior trained with "
+                             "--prior-condition-dropout); sampling costs twice as much")
     parser.add_argument("--seed", type=int, help="sampling seed (default: the run's seed); same seed, same samples")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="write figures, samples and metrics.json here instead of into the run folder")
@@ -160,26 +166,35 @@ def evaluate_reconstruction(out: Run, config: run_state.Config, vqvae, split: da
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def make_sampler(prior, temperature: float, seed: int):
+def make_sampler(prior, temperature: float, seed: int, guidance: float = 1.0):
     """sample(n, positions=None, seed=seed, stream=0, layouts=None) -> (n, H, W) int32 code grids, positions (n,)
     being the slices' depths for a conditioned prior, layouts (n, H/2, W/2) the layouts a two-level prior draws
     its codes from (VQVAE.layout of real slices, say) instead of sampling them. The whole autoregressive loop is
     one compiled graph (tf.function, or jax.jit under JAX; traced once per n, whatever the seed); each position
     draws from Categorical(logits / temperature) (the argmax at 0) with a seed derived from (seed, stream,
-    position), so the same seed and stream give the same samples."""
-    compiled = _compiled_tensorflow(prior, temperature) if keras.backend.backend() != "jax" else \
-        _compiled_jax(prior, temperature)
+    position), so the same seed and stream give the same samples. guidance != 1 samples with classifier-free
+    guidance at that scale (modules.guided_draw; a prior trained with condition_dropout), at twice the cost."""
+    guided = guidance != 1.0
+    if guided and not prior.condition_dropout:
+        raise UserError("--guidance needs a prior trained with --prior-condition-dropout above 0 (it must also know "
+                        "the slices without their depth); retrain the prior with it, or drop --guidance")
+    compiled = _compiled_tensorflow(prior, temperature, guidance) if keras.backend.backend() != "jax" else \
+        _compiled_jax(prior, temperature, guidance)
 
     def sample(n: int, positions=None, seed: int = seed, stream: int = 0, layouts=None) -> np.ndarray:
         layouts = None if layouts is None else np.asarray(layouts, "int32")
         condition = None if not prior.num_conditions else np.asarray(
             modules.slice_position_features(np.asarray(positions, "float32"), prior.num_conditions // 2))
-        return compiled(n, condition, (seed, stream), layouts)  # another stream: other samples from the same seed
+        if guided:  # the same grids twice: with their depths, then without (zero conditions), tied by the draw rule
+            condition = np.concatenate([condition, np.zeros_like(condition)])
+            layouts = None if layouts is None else np.concatenate([layouts, layouts])
+        codes = compiled(n * (1 + guided), condition, (seed, stream), layouts)  # another stream: other samples
+        return codes[:n]
 
     return sample
 
 
-def _compiled_tensorflow(prior, temperature: float):
+def _compiled_tensorflow(prior, temperature: float, guidance: float = 1.0):
     """compiled(n, condition, (seed, stream), layouts) -> codes, through one tf.function; draws by tfp."""
     import tensorflow as tf
     import tensorflow_probability as tfp
@@ -192,14 +207,14 @@ def _compiled_tensorflow(prior, temperature: float):
             position_seed = tf.random.experimental.stateless_fold_in(base_seed, tf.cast(position, tf.int32))
             return tfp.distributions.Categorical(logits=logits / temperature).sample(seed=position_seed)
 
-        return prior.sample(n, draw, condition, layouts)
+        return prior.sample(n, draw if guidance == 1.0 else modules.guided_draw(draw, guidance), condition, layouts)
 
     return lambda n, condition, seeds, layouts: compiled(
         n, None if condition is None else tf.constant(condition), tf.constant(seeds, tf.int32),
         None if layouts is None else tf.constant(layouts)).numpy()
 
 
-def _compiled_jax(prior, temperature: float):
+def _compiled_jax(prior, temperature: float, guidance: float = 1.0):
     """compiled(n, condition, (seed, stream), layouts) -> codes, through one jax.jit; the weights enter it as
     arguments, not as constants baked into the compiled function."""
     import jax
@@ -211,7 +226,8 @@ def _compiled_jax(prior, temperature: float):
             return jax.random.categorical(jax.random.fold_in(key, position), logits / temperature)
 
         with keras.StatelessScope(state_mapping=list(zip(prior.variables, values))):
-            return prior.sample(n, draw, condition, layouts)
+            return prior.sample(n, draw if guidance == 1.0 else modules.guided_draw(draw, guidance), condition,
+                                layouts)
 
     compiled = jax.jit(sample, static_argnums=0)
     values = [v.value for v in prior.variables]
@@ -225,7 +241,7 @@ def generate(run: Run, out: Run, config: run_state.Config, vqvae, args: argparse
     writes into `out` (the run folder, or --out)."""
     prior = load_prior(run, vqvae, args)
     seed = config.seed if args.seed is None else args.seed
-    sample = make_sampler(prior, args.temperature, seed)
+    sample = make_sampler(prior, args.temperature, seed, args.guidance)
     depths = Depths(run, seed) if prior.num_conditions else None
 
     def generated(n: int, positions=None, stream: int = 0, layouts=None) -> np.ndarray:
@@ -274,7 +290,7 @@ def samples_asked_for(out: Run, generated, depths, args: argparse.Namespace, con
                           title=f"PixelCNN samples, temperature {args.temperature}, seed {seed}",
                           captions=None if positions is None else {
                               label: [f"depth {p:.2f}" for p in positions[rows[label]]] for label in rows})
-    return {"num_samples": n, "temperature": args.temperature, "seed": seed, "sampling_seconds": round(seconds, 2),
+    return {"num_samples": n, "temperature": args.temperature, "guidance": args.guidance, "seed": seed, "sampling_seconds": round(seconds, 2),
             "conditioned_on_depth": depths is not None}
 
 

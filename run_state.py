@@ -70,6 +70,11 @@ class Config:
     prior_position_frequencies: int = setting(8, "conditions the prior on the slice's depth (from names like "
                                                  "case_001_slice_12.nii.png) through sin/cos features of this many "
                                                  "frequencies; 0: an unconditional prior")
+    prior_atlas_rank: int = setting(0, "R: a depth x position term in every gate of the prior, R learned maps mixed by "
+                                       "weights computed from the slice's depth (0: off; needs depth conditioning)")
+    prior_condition_dropout: float = setting(0.0, "share of training grids whose depth is hidden from the prior, so "
+                                                   "that predict.py --guidance can sample with classifier-free "
+                                                   "guidance (0: off; the papers use about 0.1)")
     prior_layout_levels: int = setting(0, "0: one prior over the codes; L >= 2: a two-level prior that first samples "
                                           "a coarse layout (each 2x2 codes' mean decoded intensity in L bins) with a "
                                           "PixelCNN of its own, then the codes given it")
@@ -133,6 +138,11 @@ class Config:
         if self.prior_augment < 0 or self.prior_augment % 2 or self.prior_augment >= self.grid_size:
             raise UserError(f"--prior-augment must be an even number of codes below the {self.grid_size}-code grid "
                             f"(0: off), got {self.prior_augment}")
+        if not 0 <= self.prior_condition_dropout < 1:
+            raise UserError(f"--prior-condition-dropout must be at least 0 and below 1, got "
+                            f"{self.prior_condition_dropout}")
+        if self.prior_atlas_rank < 0:
+            raise UserError(f"--prior-atlas-rank must be 0 or more, got {self.prior_atlas_rank}")
         if self.prior_position_frequencies < 0:
             raise UserError(f"--prior-position-frequencies must be 0 or more, got {self.prior_position_frequencies}")
         if not 0 <= self.background < 1:
@@ -152,7 +162,9 @@ class Config:
         return dict(num_embeddings=self.num_embeddings, grid_shape=(self.grid_size, self.grid_size),
                     channels=self.prior_channels, num_layers=self.prior_layers, kernel_size=self.prior_kernel_size,
                     num_conditions=2 * self.prior_position_frequencies,
-                    attention_layers=self.prior_attention_layers, layout_levels=self.prior_layout_levels)
+                    attention_layers=self.prior_attention_layers, layout_levels=self.prior_layout_levels,
+                    atlas_rank=self.prior_atlas_rank if self.prior_position_frequencies else 0,
+                    condition_dropout=self.prior_condition_dropout if self.prior_position_frequencies else 0.0)
 
     @property
     def grid_size(self) -> int:

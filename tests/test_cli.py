@@ -278,6 +278,13 @@ def test_predict_refuses_a_prior_of_another_codebook_size(tiny_run, tmp_path, ca
     assert "predicts 32 codes but the VQ-VAE has 16" in err and err.count("\n") == 1
 
 
+def test_guidance_is_refused_for_a_prior_that_never_saw_a_slice_without_its_depth(tiny_run, tmp_path, capsys):
+    out = tmp_path / "guided"
+    assert predict.main(["--run", str(tiny_run), "--num-samples", "1", "--guidance", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--guidance needs a prior trained with --prior-condition-dropout" in err and err.count("\n") == 1
+
+
 def test_failed_prior_stage_leaves_the_run_as_it_was(tiny_run, tmp_path, capsys):
     run = vqvae_only_copy(tiny_run, tmp_path / "no_codes")
     before = {p.name: p.read_bytes() for p in run.iterdir()}

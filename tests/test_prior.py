@@ -6,18 +6,20 @@ import numpy as np
 import pytest
 
 from conftest import eager_loops
-from modules import MaskedConv2D, PixelCNNPrior, pixelcnn_mask
+from modules import MaskedConv2D, PixelCNNPrior, guided_draw, pixelcnn_mask
 
 pytestmark = pytest.mark.any_backend
 
 K = 7
 
 
-def make_prior(layers=3, kernel_size=3, conditions=0, seed=0, grid=(6, 7), attention=0, layout=0):
+def make_prior(layers=3, kernel_size=3, conditions=0, seed=0, grid=(6, 7), attention=0, layout=0, atlas=0,
+               dropout=0.0):
     keras.utils.set_random_seed(seed)
     prior = PixelCNNPrior(num_embeddings=K, grid_shape=grid, channels=8, num_layers=layers,
                           kernel_size=kernel_size, num_conditions=conditions, attention_layers=attention,
-                          layout_levels=layout)
+                          layout_levels=layout, atlas_rank=atlas,
+                          condition_dropout=dropout)
     prior.build(prior.pack_inputs((None, *grid), (None, conditions), (None, *prior.layout_shape)))
     rng = np.random.default_rng(seed)  # weights far from initial so every path carries signal
     for weight in prior.weights:
@@ -99,9 +101,10 @@ def test_attention_starts_as_the_identity():
     assert len(attending.weights) == len(plain.weights) + 8  # 2 layers x (qkv, out) x (kernel, bias)
 
 
-@pytest.mark.parametrize("kernel_size, conditions, attention", [(3, 0, 0), (5, 0, 0), (3, 2, 0), (3, 2, 2)])
-def test_fast_sampler_computes_the_same_logits_as_the_full_model(kernel_size, conditions, attention):
-    prior = make_prior(layers=3, kernel_size=kernel_size, conditions=conditions, attention=attention)
+@pytest.mark.parametrize("kernel_size, conditions, attention, atlas", [(3, 0, 0, 0), (5, 0, 0, 0), (3, 2, 0, 0),
+                                                                      (3, 2, 2, 0), (3, 2, 0, 3)])
+def test_fast_sampler_computes_the_same_logits_as_the_full_model(kernel_size, conditions, attention, atlas):
+    prior = make_prior(layers=3, kernel_size=kernel_size, conditions=conditions, attention=attention, atlas=atlas)
     condition = np.random.default_rng(2).normal(size=(2, conditions)).astype("float32") if conditions else None
     seen = {}
 
@@ -117,9 +120,9 @@ def test_fast_sampler_computes_the_same_logits_as_the_full_model(kernel_size, co
         np.testing.assert_allclose(logits, full[:, position // 7, position % 7], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("conditions, attention", [(0, 0), (2, 1)])
-def test_two_level_sampler_draws_the_layout_then_the_codes_with_the_full_models_logits(conditions, attention):
-    prior = make_prior(layers=2, conditions=conditions, attention=attention, grid=(6, 8), layout=3)
+@pytest.mark.parametrize("conditions, attention, atlas", [(0, 0, 0), (2, 1, 0), (2, 0, 2)])
+def test_two_level_sampler_draws_the_layout_then_the_codes_with_the_full_models_logits(conditions, attention, atlas):
+    prior = make_prior(layers=2, conditions=conditions, attention=attention, grid=(6, 8), layout=3, atlas=atlas)
     condition = np.random.default_rng(2).normal(size=(2, conditions)).astype("float32") if conditions else None
     seen, drawn = {}, {}
 
@@ -173,9 +176,26 @@ def test_conditioning_reaches_the_logits_of_every_position():
     assert (np.abs(a - b).max(-1) > 1e-4).all()  # another condition moves every position's, the first one's too
 
 
-@pytest.mark.parametrize("layout", [0, 3])
-def test_prior_keras_round_trip(tmp_path, layout):
-    prior = make_prior(conditions=2, attention=1, layout=layout, grid=(6, 8))
+def test_the_atlas_makes_the_depth_and_the_position_interact():
+    """Without an atlas, the condition reaches the first gate as one vector added at every position: its effect on
+    the first layer's pre-gate is the same everywhere. With one, it differs from position to position."""
+    def first_gate_shift(prior):
+        spatial = [np.asarray(prior.spatial_map(np.array([c], "float32"))) for c in ([0.0, 1.0], [1.0, 0.0])]
+        block = prior.blocks[0]
+        terms = [np.asarray(block.gate_terms(s, np.array([c], "float32"), 4, "horizontal"))
+                 for s, c in zip(spatial, ([0.0, 1.0], [1.0, 0.0]))]
+        return terms[1] - terms[0]  # (1, H, W, 2C): what moving the depth adds to each position's gate
+
+    plain, atlas = first_gate_shift(make_prior(conditions=2)), first_gate_shift(make_prior(conditions=2, atlas=3))
+    np.testing.assert_allclose(plain, np.broadcast_to(plain[:, :1, :1], plain.shape), atol=1e-5)
+    assert np.abs(atlas - atlas[:, :1, :1]).max() > 0.1
+    with pytest.raises(ValueError, match="atlas_rank"):
+        PixelCNNPrior(num_embeddings=K, grid_shape=(6, 7), channels=8, num_layers=2, kernel_size=3, atlas_rank=2)
+
+
+@pytest.mark.parametrize("layout, atlas", [(0, 0), (3, 0), (3, 2)])
+def test_prior_keras_round_trip(tmp_path, layout, atlas):
+    prior = make_prior(conditions=2, attention=1, layout=layout, grid=(6, 8), atlas=atlas)
     codes = np.random.default_rng(0).integers(0, K, (2, 6, 8))
     inputs = [codes, np.ones((2, 2), "float32")] + [np.ones((2, 3, 4), "int32")] * bool(layout)
     prior.save(tmp_path / "prior.keras")
@@ -204,3 +224,42 @@ def test_pack_targets_has_the_structure_of_the_outputs(layout):
     keras.tree.assert_same_structure(targets, outputs)
     for target, output in zip(keras.tree.flatten(targets), keras.tree.flatten(outputs)):
         assert output.shape == (*target.shape, (K, 3)[target is grid])
+
+
+def test_condition_dropout_hides_the_depth_of_some_grids_in_training_only():
+    prior = make_prior(conditions=2, dropout=0.5)
+    codes = np.repeat(np.random.default_rng(0).integers(0, K, (1, 6, 7)), 64, axis=0)
+    condition = np.tile(np.array([[0.3, 0.9]], "float32"), (64, 1))
+    conditioned = np.asarray(prior([codes[:1], condition[:1]]))
+    unconditioned = np.asarray(prior([codes[:1], np.zeros((1, 2), "float32")]))
+    trained = np.asarray(prior([codes, condition], training=True))
+    hidden = np.array([np.allclose(t, unconditioned[0], atol=1e-5) for t in trained])
+    shown = np.array([np.allclose(t, conditioned[0], atol=1e-5) for t in trained])
+    assert (hidden | shown).all() and 10 < hidden.sum() < 54  # about half of 64, each grid one or the other
+    np.testing.assert_allclose(np.asarray(prior([codes, condition])), np.repeat(conditioned, 64, 0), atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [0, 3])
+def test_guided_sampling_draws_from_the_guided_logits_and_ties_the_unconditioned_twins(layout):
+    prior = make_prior(layers=2, conditions=2, grid=(6, 8), layout=layout, dropout=0.1)
+    condition = np.random.default_rng(2).normal(size=(2, 2)).astype("float32")
+    both = np.concatenate([condition, np.zeros_like(condition)])
+    seen = {}
+
+    def draw(logits, position):
+        seen[int(position)] = np.asarray(logits)
+        return keras.random.categorical(logits, 1, seed=int(position) + 3)[:, 0]
+
+    with eager_loops():
+        codes = np.asarray(prior.sample(4, guided_draw(draw, 3.0), both))
+    np.testing.assert_array_equal(codes[:2], codes[2:])  # the twins carry the same codes
+    inputs = [codes, both]
+    if layout:  # the layouts drawn: the same draws again from the guided logits recorded at positions 48 on
+        layouts = np.stack([np.asarray(keras.random.categorical(seen[48 + c], 1, seed=48 + c + 3)[:, 0])
+                            for c in range(12)], axis=1).reshape(2, 3, 4)
+        inputs = [codes, both, np.concatenate([layouts, layouts])]
+    full = prior(inputs)
+    full = np.asarray(full["codes"] if layout else full)
+    for position in range(48):
+        c, u = full[:2, position // 8, position % 8], full[2:, position // 8, position % 8]
+        np.testing.assert_allclose(seen[position], u + 3.0 * (c - u), rtol=1e-4, atol=1e-4)
