@@ -54,7 +54,7 @@ def evaluate_and_generate(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.num_samples <= 0:
         raise UserError(f"--num-samples must be a positive integer, got {args.num_samples}")
-    if args.realism_samples < 0 or args.realism_draws < 0:
+    if (args.realism_samples or 0) < 0 or args.realism_draws < 0:
         raise UserError(f"--realism-samples and --realism-draws must be 0 or more, got {args.realism_samples} and "
                         f"{args.realism_draws}")
     if args.temperature < 0:
@@ -112,13 +112,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, help="sampling seed (default: the run's seed); same seed, same samples")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="write figures, samples and metrics.json here instead of into the run folder")
-    parser.add_argument("--realism-samples", type=int, default=128, metavar="N",
-                        help="samples the realism test judges against as many real slices (default 128, or fewer "
-                             "if the validation or test split is smaller; 0 skips the test)")
+    parser.add_argument("--realism-samples", type=int, metavar="N",
+                        help="samples the realism test judges against as many real slices (default: as many as the "
+                             "smaller of the validation and test splits holds, all of them; 0 skips the test)")
     parser.add_argument("--realism-draws", type=int, default=realism.DRAWS, metavar="R",
                         help=f"times the realism test draws new samples and new judges; its accuracy is over all "
-                             f"of them (default {realism.DRAWS}: one draw moves by about 0.1 with the seed; 0 skips "
-                             "the test)")
+                             f"of them (default {realism.DRAWS}: a draw of every real slice moves little with the "
+                             "seed; more draws for fewer --realism-samples; 0 skips the test)")
     parser.add_argument("--no-realism", action="store_true",
                         help="skip the realism test and the tissue report (samples and figures only)")
     parser.add_argument("--realism-diagnostics", action="store_true",
@@ -300,7 +300,9 @@ def judged(run: Run, out: Run, config: run_state.Config, vqvae, prior, generated
     samples pass for real slices. The references that depend on the data, the VQ-VAE and the judge only are
     measured once, then read from metrics.json."""
     real, test = held_out["validate"], held_out["test"]
-    n, draws = min(args.realism_samples, len(real.images), len(test.images)), args.realism_draws
+    every = min(len(real.images), len(test.images))
+    n = every if args.realism_samples is None else min(args.realism_samples, every)
+    draws = args.realism_draws
     if args.no_realism or not (n and draws):
         return {}
     stamp = run.stage("vqvae").checkpoint.stat()  # a retrained VQ-VAE has another size or time
