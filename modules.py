@@ -543,11 +543,6 @@ class PixelCNNPrior(keras.Model):
     ([codes, layout] unconditioned), and call returns {"codes": logits, "layout": layout logits (N, H/2, W/2,
     layout_levels)}; `sample` draws the layout first.
 
-    With atlas_rank R > 0 (and conditions), a depth x position map joins the position map: R learned maps (H, W, C)
-    mixed by R weights computed from the condition, so the prior has a place-and-depth term of its own ("at this
-    depth, the ventricles lie here") instead of one that its gates must build from a position map and a condition
-    added to each other. The layout prior gets one too.
-
     With condition_dropout p > 0, training drops the condition of a share p of the grids (a zero vector, which no
     depth's sin/cos features equal), so the one model is also an unconditional prior: sampling can then use
     classifier-free guidance (Ho & Salimans 2022), logits_u + s (logits_c - logits_u) (`guided_draw`).
@@ -558,7 +553,7 @@ class PixelCNNPrior(keras.Model):
     """
 
     def __init__(self, num_embeddings: int, grid_shape, channels: int, num_layers: int, kernel_size: int,
-                 num_conditions: int = 0, attention_layers: int = 0, layout_levels: int = 0, atlas_rank: int = 0,
+                 num_conditions: int = 0, attention_layers: int = 0, layout_levels: int = 0,
                  condition_dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         _check_positive(num_embeddings=num_embeddings, channels=channels, num_layers=num_layers,
@@ -576,16 +571,11 @@ class PixelCNNPrior(keras.Model):
         if layout_levels and (grid_shape[0] % LAYOUT_POOL or grid_shape[1] % LAYOUT_POOL):
             raise ValueError(f"a two-level prior needs a grid divisible by {LAYOUT_POOL}, got {tuple(grid_shape)}")
         self.layout_levels = layout_levels
-        if atlas_rank < 0 or (atlas_rank and not num_conditions):
-            raise ValueError(f"atlas_rank must be 0, or positive with conditions (num_conditions > 0), got "
-                             f"atlas_rank={atlas_rank}, num_conditions={num_conditions}")
-        self.atlas_rank = atlas_rank
         if not 0 <= condition_dropout < 1 or (condition_dropout and not num_conditions):
             raise ValueError(f"condition_dropout must be in [0, 1), and 0 without conditions, got {condition_dropout}")
         self.condition_dropout = condition_dropout
         self.dropout_seed = keras.random.SeedGenerator(0) if condition_dropout else None
         policy = self.dtype_policy
-        self.atlas_mix = (layers.Dense(atlas_rank, name="atlas_mix", dtype=policy) if atlas_rank else None)
         self.embedding = layers.Embedding(num_embeddings, channels, name="code_embedding", dtype=policy)
         self.blocks = [GatedPixelCNNBlock(channels, kernel_size, first=i == 0, last=i == num_layers - 1,
                                           num_conditions=num_conditions, name=f"gated{i}", dtype=policy)
@@ -600,8 +590,7 @@ class PixelCNNPrior(keras.Model):
         self.head_logits = layers.Conv2D(num_embeddings, 1, name="logits", dtype="float32")  # softmax in float32
         if layout_levels:
             self.layout_prior = PixelCNNPrior(layout_levels, self.layout_shape, channels, num_layers, kernel_size,
-                                              num_conditions, atlas_rank=atlas_rank, name="layout_prior",
-                                              dtype=policy)
+                                              num_conditions, name="layout_prior", dtype=policy)
             self.layout_embedding = layers.Embedding(layout_levels, channels, name="layout_embedding", dtype=policy)
             # two 3x3 convolutions, over cells then over codes: each code sees the layout 2 cells around it
             self.layout_convs = [layers.Conv2D(channels, 3, padding="same", activation="relu", name=name,
@@ -616,10 +605,6 @@ class PixelCNNPrior(keras.Model):
         self.embedding.build(shape)
         self.position = self.add_weight(name="position_map", shape=(*self.grid_shape, self.channels),
                                         initializer=keras.initializers.RandomNormal(stddev=1.0))
-        if self.atlas_rank:
-            self.atlas = self.add_weight(name="atlas", shape=(self.atlas_rank, *self.grid_shape, self.channels),
-                                         initializer=keras.initializers.RandomNormal(stddev=0.1))
-            self.atlas_mix.build((None, self.num_conditions))
         features = (*shape, self.channels)
         if self.layout_levels:
             layout = (shape[0], *self.layout_shape)
@@ -668,15 +653,6 @@ class PixelCNNPrior(keras.Model):
             cells = ops.repeat(cells, LAYOUT_POOL, axis=axis)
         return self.layout_convs[1](cells)  # (N, H, W, C)
 
-    def spatial_map(self, condition):
-        """What every gate sees of where a position lies: the position map (1, H, W, C), plus with an atlas its
-        depth x position term (N, H, W, C)."""
-        spatial = ops.cast(ops.convert_to_tensor(self.position), self.compute_dtype)[None]
-        if self.atlas_rank:
-            weights = self.atlas_mix(condition)  # (N, R)
-            spatial = spatial + ops.einsum("nr,rhwc->nhwc", weights, ops.cast(self.atlas, weights.dtype))
-        return spatial
-
     def call(self, inputs, training=False):
         codes, condition, layout = self._split_inputs(inputs)
         if training and self.condition_dropout:  # one draw per grid, for its codes and its layout alike
@@ -685,7 +661,7 @@ class PixelCNNPrior(keras.Model):
         if tuple(codes.shape[1:]) != self.grid_shape:
             raise ValueError(f"this prior models {self.grid_shape} code grids, got {tuple(codes.shape[1:])}")
         v = h = self.embed(codes)  # (N, H, W, C)
-        spatial = self.spatial_map(condition)  # where in the frame (and at which depth); with two levels, the layout
+        spatial = self.position[None]  # (1, H, W, C): where in the frame; plus, with two levels, the layout there
         if self.layout_levels:
             spatial = spatial + self.layout_features(layout)  # (N, H, W, C)
         skips = 0.0
@@ -735,7 +711,7 @@ class PixelCNNPrior(keras.Model):
         # memory[a]: keys and values of attention layer a at every position sampled so far, (N, H * W, C) each
         memory = tuple((ops.zeros((n, height * width, self.channels)),) * 2 for _ in self.attention_qkv)
         codes = ops.zeros((n, height, width), "int32")
-        position_map = self.spatial_map(condition)  # a tensor, not a variable: JAX slices only arrays
+        position_map = ops.convert_to_tensor(self.position)[None]  # a tensor, not a variable: JAX slices only arrays
         if self.layout_levels:
             if layout is None:
                 layout = self.layout_prior.sample(n, lambda logits, p: draw(logits, p + height * width), condition)
@@ -815,8 +791,7 @@ class PixelCNNPrior(keras.Model):
         return {**super().get_config(), "num_embeddings": self.num_embeddings, "grid_shape": self.grid_shape,
                 "channels": self.channels, "num_layers": self.num_layers, "kernel_size": self.kernel_size,
                 "num_conditions": self.num_conditions, "attention_layers": self.attention_layers,
-                "layout_levels": self.layout_levels, "atlas_rank": self.atlas_rank,
-                "condition_dropout": self.condition_dropout}
+                "layout_levels": self.layout_levels, "condition_dropout": self.condition_dropout}
 
 
 def guided_draw(draw, scale: float):

@@ -70,8 +70,6 @@ class Config:
     prior_position_frequencies: int = setting(8, "conditions the prior on the slice's depth (from names like "
                                                  "case_001_slice_12.nii.png) through sin/cos features of this many "
                                                  "frequencies; 0: an unconditional prior")
-    prior_atlas_rank: int = setting(0, "R: a depth x position term in every gate of the prior, R learned maps mixed by "
-                                       "weights computed from the slice's depth (0: off; needs depth conditioning)")
     prior_condition_dropout: float = setting(0.0, "share of training grids whose depth is hidden from the prior, so "
                                                    "that predict.py --guidance can sample with classifier-free "
                                                    "guidance (0: off; the papers use about 0.1)")
@@ -141,8 +139,6 @@ class Config:
         if not 0 <= self.prior_condition_dropout < 1:
             raise UserError(f"--prior-condition-dropout must be at least 0 and below 1, got "
                             f"{self.prior_condition_dropout}")
-        if self.prior_atlas_rank < 0:
-            raise UserError(f"--prior-atlas-rank must be 0 or more, got {self.prior_atlas_rank}")
         if self.prior_position_frequencies < 0:
             raise UserError(f"--prior-position-frequencies must be 0 or more, got {self.prior_position_frequencies}")
         if not 0 <= self.background < 1:
@@ -163,7 +159,6 @@ class Config:
                     channels=self.prior_channels, num_layers=self.prior_layers, kernel_size=self.prior_kernel_size,
                     num_conditions=2 * self.prior_position_frequencies,
                     attention_layers=self.prior_attention_layers, layout_levels=self.prior_layout_levels,
-                    atlas_rank=self.prior_atlas_rank if self.prior_position_frequencies else 0,
                     condition_dropout=self.prior_condition_dropout if self.prior_position_frequencies else 0.0)
 
     @property

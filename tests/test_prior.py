@@ -13,12 +13,12 @@ pytestmark = pytest.mark.any_backend
 K = 7
 
 
-def make_prior(layers=3, kernel_size=3, conditions=0, seed=0, grid=(6, 7), attention=0, layout=0, atlas=0,
+def make_prior(layers=3, kernel_size=3, conditions=0, seed=0, grid=(6, 7), attention=0, layout=0,
                dropout=0.0):
     keras.utils.set_random_seed(seed)
     prior = PixelCNNPrior(num_embeddings=K, grid_shape=grid, channels=8, num_layers=layers,
                           kernel_size=kernel_size, num_conditions=conditions, attention_layers=attention,
-                          layout_levels=layout, atlas_rank=atlas,
+                          layout_levels=layout,
                           condition_dropout=dropout)
     prior.build(prior.pack_inputs((None, *grid), (None, conditions), (None, *prior.layout_shape)))
     rng = np.random.default_rng(seed)  # weights far from initial so every path carries signal
@@ -101,10 +101,9 @@ def test_attention_starts_as_the_identity():
     assert len(attending.weights) == len(plain.weights) + 8  # 2 layers x (qkv, out) x (kernel, bias)
 
 
-@pytest.mark.parametrize("kernel_size, conditions, attention, atlas", [(3, 0, 0, 0), (5, 0, 0, 0), (3, 2, 0, 0),
-                                                                      (3, 2, 2, 0), (3, 2, 0, 3)])
-def test_fast_sampler_computes_the_same_logits_as_the_full_model(kernel_size, conditions, attention, atlas):
-    prior = make_prior(layers=3, kernel_size=kernel_size, conditions=conditions, attention=attention, atlas=atlas)
+@pytest.mark.parametrize("kernel_size, conditions, attention", [(3, 0, 0), (5, 0, 0), (3, 2, 0), (3, 2, 2)])
+def test_fast_sampler_computes_the_same_logits_as_the_full_model(kernel_size, conditions, attention):
+    prior = make_prior(layers=3, kernel_size=kernel_size, conditions=conditions, attention=attention)
     condition = np.random.default_rng(2).normal(size=(2, conditions)).astype("float32") if conditions else None
     seen = {}
 
@@ -120,9 +119,9 @@ def test_fast_sampler_computes_the_same_logits_as_the_full_model(kernel_size, co
         np.testing.assert_allclose(logits, full[:, position // 7, position % 7], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("conditions, attention, atlas", [(0, 0, 0), (2, 1, 0), (2, 0, 2)])
-def test_two_level_sampler_draws_the_layout_then_the_codes_with_the_full_models_logits(conditions, attention, atlas):
-    prior = make_prior(layers=2, conditions=conditions, attention=attention, grid=(6, 8), layout=3, atlas=atlas)
+@pytest.mark.parametrize("conditions, attention", [(0, 0), (2, 1)])
+def test_two_level_sampler_draws_the_layout_then_the_codes_with_the_full_models_logits(conditions, attention):
+    prior = make_prior(layers=2, conditions=conditions, attention=attention, grid=(6, 8), layout=3)
     condition = np.random.default_rng(2).normal(size=(2, conditions)).astype("float32") if conditions else None
     seen, drawn = {}, {}
 
@@ -176,26 +175,9 @@ def test_conditioning_reaches_the_logits_of_every_position():
     assert (np.abs(a - b).max(-1) > 1e-4).all()  # another condition moves every position's, the first one's too
 
 
-def test_the_atlas_makes_the_depth_and_the_position_interact():
-    """Without an atlas, the condition reaches the first gate as one vector added at every position: its effect on
-    the first layer's pre-gate is the same everywhere. With one, it differs from position to position."""
-    def first_gate_shift(prior):
-        spatial = [np.asarray(prior.spatial_map(np.array([c], "float32"))) for c in ([0.0, 1.0], [1.0, 0.0])]
-        block = prior.blocks[0]
-        terms = [np.asarray(block.gate_terms(s, np.array([c], "float32"), 4, "horizontal"))
-                 for s, c in zip(spatial, ([0.0, 1.0], [1.0, 0.0]))]
-        return terms[1] - terms[0]  # (1, H, W, 2C): what moving the depth adds to each position's gate
-
-    plain, atlas = first_gate_shift(make_prior(conditions=2)), first_gate_shift(make_prior(conditions=2, atlas=3))
-    np.testing.assert_allclose(plain, np.broadcast_to(plain[:, :1, :1], plain.shape), atol=1e-5)
-    assert np.abs(atlas - atlas[:, :1, :1]).max() > 0.1
-    with pytest.raises(ValueError, match="atlas_rank"):
-        PixelCNNPrior(num_embeddings=K, grid_shape=(6, 7), channels=8, num_layers=2, kernel_size=3, atlas_rank=2)
-
-
-@pytest.mark.parametrize("layout, atlas", [(0, 0), (3, 0), (3, 2)])
-def test_prior_keras_round_trip(tmp_path, layout, atlas):
-    prior = make_prior(conditions=2, attention=1, layout=layout, grid=(6, 8), atlas=atlas)
+@pytest.mark.parametrize("layout, dropout", [(0, 0.0), (3, 0.1)])
+def test_prior_keras_round_trip(tmp_path, layout, dropout):
+    prior = make_prior(conditions=2, attention=1, layout=layout, grid=(6, 8), dropout=dropout)
     codes = np.random.default_rng(0).integers(0, K, (2, 6, 8))
     inputs = [codes, np.ones((2, 2), "float32")] + [np.ones((2, 3, 4), "int32")] * bool(layout)
     prior.save(tmp_path / "prior.keras")
