@@ -282,7 +282,8 @@ def samples_asked_for(out: Run, generated, depths, args: argparse.Namespace, con
     samples = generated(n, positions)
     seconds = time.time() - start
     where = f", at depths {', '.join(f'{p:.2f}' for p in args.slice_position)}" if args.slice_position else ""
-    print(f"generated {n} brains ({config.grid_size}x{config.grid_size} codes, temperature {args.temperature}, "
+    guided = f", guidance {args.guidance}" if args.guidance != 1.0 else ""
+    print(f"generated {n} brains ({config.grid_size}x{config.grid_size} codes, temperature {args.temperature}{guided}, "
           f"seed {seed}{where}) in {seconds:.1f} s, compilation included")
     out.write_samples(samples)
     rows = {f"samples {r + 1}-{min(r + 8, n)}": slice(r, r + 8) for r in range(0, n, 8)}
@@ -290,7 +291,8 @@ def samples_asked_for(out: Run, generated, depths, args: argparse.Namespace, con
                           title=f"PixelCNN samples, temperature {args.temperature}, seed {seed}",
                           captions=None if positions is None else {
                               label: [f"depth {p:.2f}" for p in positions[rows[label]]] for label in rows})
-    return {"num_samples": n, "temperature": args.temperature, "guidance": args.guidance, "seed": seed, "sampling_seconds": round(seconds, 2),
+    return {"num_samples": n, "temperature": args.temperature, "guidance": args.guidance, "seed": seed,
+            "sampling_seconds": round(seconds, 2),
             "conditioned_on_depth": depths is not None}
 
 

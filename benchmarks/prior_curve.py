@@ -34,7 +34,8 @@ def point(run_path: str) -> dict:
     try:
         metrics = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"{path} does not exist; pass run folders that train.py made and predict.py evaluated") from None
+        raise UserError(f"{path} does not exist; pass run folders that train.py made and predict.py "
+                        "evaluated") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path} is not valid JSON; run `python predict.py --run {run_path}` again") from None
     prior, samples = metrics.get("prior"), metrics.get("samples", {})
