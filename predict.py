@@ -194,6 +194,11 @@ def make_sampler(prior, temperature: float, seed: int, guidance: float = 1.0):
     return sample
 
 
+def with_guidance(draw, guidance: float):
+    """A backend's draw rule, guided (modules.guided_draw) unless guidance is 1."""
+    return draw if guidance == 1.0 else modules.guided_draw(draw, guidance)
+
+
 def _compiled_tensorflow(prior, temperature: float, guidance: float = 1.0):
     """compiled(n, condition, (seed, stream), layouts) -> codes, through one tf.function; draws by tfp."""
     import tensorflow as tf
@@ -207,7 +212,7 @@ def _compiled_tensorflow(prior, temperature: float, guidance: float = 1.0):
             position_seed = tf.random.experimental.stateless_fold_in(base_seed, tf.cast(position, tf.int32))
             return tfp.distributions.Categorical(logits=logits / temperature).sample(seed=position_seed)
 
-        return prior.sample(n, draw if guidance == 1.0 else modules.guided_draw(draw, guidance), condition, layouts)
+        return prior.sample(n, with_guidance(draw, guidance), condition, layouts)
 
     return lambda n, condition, seeds, layouts: compiled(
         n, None if condition is None else tf.constant(condition), tf.constant(seeds, tf.int32),
@@ -226,8 +231,7 @@ def _compiled_jax(prior, temperature: float, guidance: float = 1.0):
             return jax.random.categorical(jax.random.fold_in(key, position), logits / temperature)
 
         with keras.StatelessScope(state_mapping=list(zip(prior.variables, values))):
-            return prior.sample(n, draw if guidance == 1.0 else modules.guided_draw(draw, guidance), condition,
-                                layouts)
+            return prior.sample(n, with_guidance(draw, guidance), condition, layouts)
 
     compiled = jax.jit(sample, static_argnums=0)
     values = [v.value for v in prior.variables]
@@ -283,8 +287,8 @@ def samples_asked_for(out: Run, generated, depths, args: argparse.Namespace, con
     seconds = time.time() - start
     where = f", at depths {', '.join(f'{p:.2f}' for p in args.slice_position)}" if args.slice_position else ""
     guided = f", guidance {args.guidance}" if args.guidance != 1.0 else ""
-    print(f"generated {n} brains ({config.grid_size}x{config.grid_size} codes, temperature {args.temperature}{guided}, "
-          f"seed {seed}{where}) in {seconds:.1f} s, compilation included")
+    print(f"generated {n} brains ({config.grid_size}x{config.grid_size} codes, temperature {args.temperature}"
+          f"{guided}, seed {seed}{where}) in {seconds:.1f} s, compilation included")
     out.write_samples(samples)
     rows = {f"samples {r + 1}-{min(r + 8, n)}": slice(r, r + 8) for r in range(0, n, 8)}
     utils.plot_image_rows(out.figure("samples"), {label: samples[rows[label]] for label in rows},
