@@ -360,6 +360,44 @@ def band_summary(stats: list) -> list:
                    for k, v in s["shapes"].items()}} for s in stats]
 
 
+# What each shape statistic is called in the report, and how its values read ("share": a share of the brain).
+STATISTIC_NAMES = {"csf_pieces": ("CSF pieces", "count"), "csf_largest": ("largest CSF piece", "share"),
+                   "gray_pieces": ("gray matter pieces", "count"), "gray_largest": ("largest gray piece", "share"),
+                   "white_pieces": ("white matter pieces", "count"), "white_largest": ("largest white piece", "share"),
+                   "boundary": ("brain on a tissue boundary", "share"), "csf_fraction": ("CSF", "share"),
+                   "gray_fraction": ("gray matter", "share"), "white_fraction": ("white matter", "share")}
+FAILURES_PER_BAND = 3
+
+
+def where_samples_fail(generated: list, validation: list, test: list, top: int = FAILURES_PER_BAND) -> list:
+    """Per depth band, the `top` statistics (tissue fractions and shape_of's means) on which the samples stand
+    furthest from the real test slices, beyond what real validation slices differ by: ranked by
+    (|generated - test| - |validation - test|) / |test|. Each entry: {"statistic", "generated", "test",
+    "validation"}; a band is [] where the samples are no further than the floor on any statistic, None without
+    slices."""
+    report = []
+    for g, v, t in zip(generated, validation, test):
+        if g is None or v is None or t is None:
+            report.append(None)
+            continue
+        values = {key: [float(np.mean(s["shapes"][key])) for s in (g, v, t)] for key in t["shapes"]}
+        values.update({f"{tissue}_fraction": [s["fraction"][tissue] for s in (g, v, t)] for tissue in TISSUES})
+        ranked = []
+        for name, (gen, val, real) in values.items():
+            excess = (abs(gen - real) - abs(val - real)) / max(abs(real), 1e-3)
+            if excess > 0:
+                ranked.append((excess, {"statistic": name, "generated": gen, "test": real, "validation": val}))
+        report.append([entry for _, entry in sorted(ranked, key=lambda pair: -pair[0])[:top]])
+    return report
+
+
+def describe_failure(entry: dict) -> str:
+    """'white matter pieces 10.9 (real 4.0, validation 4.4)' for one where_samples_fail entry."""
+    name, kind = STATISTIC_NAMES.get(entry["statistic"], (entry["statistic"].replace("_", " "), "share"))
+    show = (lambda x: f"{x:.1f}") if kind == "count" else (lambda x: f"{100 * x:.1f}%")
+    return f"{name} {show(entry['generated'])} (real {show(entry['test'])}, validation {show(entry['validation'])})"
+
+
 def tissue_report(segmenter, generated: tuple, validation: tuple, test: tuple, test_labels: np.ndarray | None) -> tuple:
     """The tissue report of generated slices: each set (images, depths) is segmented by the run's segmenter and
     compared with the real test slices, beside the floor (real validation slices against the same test slices).
@@ -369,8 +407,10 @@ def tissue_report(segmenter, generated: tuple, validation: tuple, test: tuple, t
     labels = {name: segment(segmenter, images) for name, (images, _) in sets.items()}
     stats = {name: tissue_statistics(images, labels[name], depths) for name, (images, depths) in sets.items()}
     errors, floor = tissue_errors(stats["generated"], stats["test"]), tissue_errors(stats["validation"], stats["test"])
+    failures = where_samples_fail(stats["generated"], stats["validation"], stats["test"])
     section = {"segmenter_dice": None if test_labels is None else dice(labels["test"], test_labels), **errors,
-               "floor": floor, "bands": {name: band_summary(s) for name, s in stats.items()}}
+               "floor": floor, "bands": {name: band_summary(s) for name, s in stats.items()},
+               "where_samples_fail": failures}
     print("tissue report (segmented by the run's segmenter; the floor: real validation vs real test slices):")
     if section["segmenter_dice"]:
         print("  segmenter Dice on the real test slices: "
@@ -378,4 +418,9 @@ def tissue_report(segmenter, generated: tuple, validation: tuple, test: tuple, t
     for key in errors:
         print(f"  {key:>22}  samples {errors[key]:.4f}  floor {floor[key]:.4f}  "
               f"({errors[key] / max(floor[key], 1e-9):.1f}x)")
+    print("  where the samples stand furthest from the real test slices, per depth band (beyond real validation):")
+    for band, entries in enumerate(failures):
+        if entries is not None:
+            print(f"    depth {band / BANDS:.1f}-{(band + 1) / BANDS:.1f}: "
+                  + ("; ".join(map(describe_failure, entries)) or "no statistic beyond real validation's"))
     return section, {**stats, "labels": labels}

@@ -53,6 +53,29 @@ def test_dice_and_shape_statistics_by_hand():
     assert realism.dice(split, labels)["white"] == pytest.approx(2 * 8 / (8 + 16))
 
 
+def band(white_pieces, white_fraction=0.4, csf_largest=0.02):
+    """One depth band of tissue_statistics, reduced to what where_samples_fail reads (one slice)."""
+    return {"fraction": {"csf": 0.1, "gray": 0.9 - white_fraction, "white": white_fraction},
+            "shapes": {"white_pieces": [white_pieces], "csf_largest": [csf_largest]}}
+
+
+def test_where_samples_fail_ranks_the_statistics_beyond_the_floor():
+    test = [band(4.0), band(6.0), None]
+    validation = [band(4.4), band(6.5, csf_largest=0.03), band(5.0)]
+    generated = [band(11.0, csf_largest=0.01), band(6.2, white_fraction=0.6, csf_largest=0.021), band(9.0)]
+    report = realism.where_samples_fail(generated, validation, test, top=2)
+    assert report[2] is None  # no real test slices in that band
+    first, second = report[0]
+    # white pieces 11 against 4 (floor 0.4): (7 - 0.4) / 4 = 1.65; the largest CSF piece 0.01 against 0.02: 0.5
+    assert (first["statistic"], first["generated"], first["test"], first["validation"]) == ("white_pieces", 11, 4, 4.4)
+    assert second["statistic"] == "csf_largest"
+    # band 1: white matter 0.6 against 0.4 (gray follows it); the white pieces and the CSF piece lie within the floor
+    assert {e["statistic"] for e in report[1]} == {"white_fraction", "gray_fraction"}
+    assert realism.describe_failure(first) == "white matter pieces 11.0 (real 4.0, validation 4.4)"
+    assert realism.describe_failure(second) == "largest CSF piece 1.0% (real 2.0%, validation 2.0%)"
+    assert realism.where_samples_fail(test, test, test) == [[], [], None]  # real against itself: nothing fails
+
+
 @pytest.mark.slow
 def test_the_tissue_report_puts_real_slices_at_the_floor_and_broken_ones_far_from_it(demo_dir):
     """A segmenter trained on the tiny demo set's training slices reads real validation slices as the real test
@@ -78,3 +101,6 @@ def test_the_tissue_report_puts_real_slices_at_the_floor_and_broken_ones_far_fro
     assert reports["shuffled"]["shape_error"] > 2 * floor["shape_error"]
     assert reports["blurred"]["shape_error"] > 1.2 * floor["shape_error"]
     assert len(reports["real"]["bands"]["generated"]) == realism.BANDS
+    assert all(band == [] for band in reports["real"]["where_samples_fail"] if band is not None)  # real: the floor
+    named = {e["statistic"] for band in reports["shuffled"]["where_samples_fail"] if band for e in band}
+    assert named & {"white_pieces", "gray_pieces", "csf_pieces"}  # shuffled interiors break tissue into pieces
