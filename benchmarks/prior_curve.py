@@ -1,11 +1,12 @@
-"""What more prior training buys: realism and tissue errors against the prior's training minutes, one point per
+"""What more prior training buys: realism and tissue errors against the prior's training epochs, one point per
 run. Each run is the same VQ-VAE with its prior trained for another number of epochs (`python train.py --resume
 RUN --stage prior --retrain --prior-epochs N` on copies of one run), evaluated by `python predict.py --run RUN`;
 this script only reads their metrics.json (no TensorFlow) and draws the curve.
 
-    python -m benchmarks.prior_curve runs/e8 runs/base runs/e32 --out images/prior_curve.png
+    python -m benchmarks.prior_curve runs/e8 runs/base runs/e32 runs/e64 --out images/prior_curve.png
 
-Per run: the prior's training seconds and validation NLL, the realism test (C2ST accuracy with its 95% interval,
+Per run: the prior's epochs, training minutes (as measured: read them as comparable only for runs trained alone on
+one machine) and validation NLL, the realism test (C2ST accuracy with its 95% interval,
 samples at validation depths and at training depths, and real vs real), and the tissue report's three errors as
 multiples of their real-vs-real floor (issue 25's target: at most 2x). The last line is JSON.
 """
@@ -55,33 +56,35 @@ def point(run_path: str) -> dict:
 
 
 def draw(points: list[dict], path: Path) -> None:
-    """Three panels against the prior's training minutes: C2ST accuracy with intervals, tissue errors x floor,
-    validation NLL."""
+    """Three panels against the prior's training epochs (log scale; time grows with them): C2ST accuracy with
+    intervals, tissue errors x floor, validation NLL."""
     plt = utils._pyplot()
-    minutes = [p["prior_minutes"] for p in points]
+    epochs = [p["prior_epochs"] for p in points]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for key, label in C2ST_SETS.items():
         accuracy = np.array([p["c2st"][key]["accuracy"] for p in points])
         low, high = (np.array([p["c2st"][key]["ci95"][i] for p in points]) for i in (0, 1))
-        axes[0].errorbar(minutes, accuracy, yerr=[accuracy - low, high - accuracy], marker="o", capsize=3,
+        axes[0].errorbar(epochs, accuracy, yerr=[accuracy - low, high - accuracy], marker="o", capsize=3,
                          label=label)
     axes[0].axhline(0.5, color="gray", linestyle="--", linewidth=1)
     axes[0].axhline(0.65, color="red", linestyle=":", linewidth=1, label="target (samples)")
     axes[0].set(ylabel="C2ST accuracy (0.5: indistinguishable)", title="realism test")
     for key in TISSUE_ERRORS:
-        axes[1].plot(minutes, [p["tissue_x_floor"][key] for p in points], marker="o", label=key.replace("_", " "))
+        axes[1].plot(epochs, [p["tissue_x_floor"][key] for p in points], marker="o", label=key.replace("_", " "))
     axes[1].axhline(1, color="gray", linestyle="--", linewidth=1)
     axes[1].axhline(2, color="red", linestyle=":", linewidth=1, label="target")
     axes[1].set(ylabel="x real-vs-real floor", title="tissue report")
-    axes[2].plot(minutes, [p["val_bits_per_code"] for p in points], marker="o", label="validation")
-    axes[2].plot(minutes, [p["train_bits_per_code"] for p in points], marker="o", label="train")
+    axes[2].plot(epochs, [p["val_bits_per_code"] for p in points], marker="o", label="validation")
+    axes[2].plot(epochs, [p["train_bits_per_code"] for p in points], marker="o", label="train")
     axes[2].set(ylabel="bits per code", title="prior NLL")
     for ax in axes:
-        ax.set_xlabel("prior training minutes")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(epochs, [str(e) for e in epochs])
+        ax.set_xlabel("prior training epochs")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for p in points:
-        axes[2].annotate(f"{p['prior_epochs']} ep", (p["prior_minutes"], p["val_bits_per_code"]),
+        axes[2].annotate(f"{p['prior_minutes']:.0f} min", (p["prior_epochs"], p["val_bits_per_code"]),
                          textcoords="offset points", xytext=(3, 4), fontsize=8)
     utils.save_figure(fig, path)
 
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body(_argv) -> None:
-        points = sorted((point(run) for run in args.runs), key=lambda p: p["prior_minutes"])
+        points = sorted((point(run) for run in args.runs), key=lambda p: p["prior_epochs"])
         print(f"{'run':<14}{'epochs':>7}{'minutes':>9}{'val NLL':>9}{'samples C2ST':>24}{'at val depths':>24}"
               f"{'real vs real':>24}   tissue fraction/map/shape x floor")
         interval = lambda c: f"{c['accuracy']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]"

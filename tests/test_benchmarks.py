@@ -98,7 +98,7 @@ def fake_evaluated_run(folder: Path, epochs: int, seconds: float, accuracy: floa
     return folder
 
 
-def test_the_prior_curve_puts_runs_in_order_of_training_minutes_with_errors_over_their_floors(tmp_path):
+def test_the_prior_curve_puts_runs_in_order_of_training_epochs_with_errors_over_their_floors(tmp_path):
     long = fake_evaluated_run(tmp_path / "long", 32, 960.0, 0.55, 0.15)
     short = fake_evaluated_run(tmp_path / "short", 8, 240.0, 0.7, 0.3)
     figures = benchmark("prior_curve", str(long), str(short), "--out", str(tmp_path / "curve.png"))
