@@ -21,6 +21,8 @@ from conftest import ROOT, TINY
 from run_state import Config, Run
 from utils import UserError
 
+pytestmark = pytest.mark.serial  # two worker processes that meet over sockets and heartbeats: CI runs them alone
+
 WORKERS = 2
 TIMEOUT = 300  # seconds any worker process may take
 

@@ -24,6 +24,7 @@ from conftest import ROOT, TINY, brainish, run_script, write_png
 from test_reliability import check_complete
 from run_state import Run
 
+
 def launch(args, logs: Path, script="train.py", **kwargs) -> subprocess.Popen:
     """The script in its own process, its output into logs/out and logs/err."""
     logs.mkdir(parents=True, exist_ok=True)
@@ -60,6 +61,7 @@ def no_temporaries(run: Path) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.serial  # races the clock (a signal or kill at a moment): CI runs it alone
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, signal_number", [("vqvae", signal.SIGINT), ("prior", signal.SIGTERM)])
 def test_a_signal_stops_training_in_seconds_with_one_line_and_the_run_resumes(tiny_args, tmp_path, stage,
@@ -84,6 +86,7 @@ def test_a_signal_stops_training_in_seconds_with_one_line_and_the_run_resumes(ti
     check_complete(run, 12, 8)
 
 
+@pytest.mark.serial  # races the clock (a signal or kill at a moment): CI runs it alone
 @pytest.mark.slow  # trains a run
 def test_a_signal_before_the_first_epoch_leaves_no_run_folder(tiny_args, tmp_path):
     run = tmp_path / "runs" / "early"
@@ -100,6 +103,7 @@ def test_a_signal_before_the_first_epoch_leaves_no_run_folder(tiny_args, tmp_pat
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.serial  # races the clock (a signal or kill at a moment): CI runs it alone
 @pytest.mark.slow
 def test_one_training_process_per_run_and_a_killed_one_blocks_nothing(tiny_args, tmp_path):
     run = tmp_path / "runs" / "twice"

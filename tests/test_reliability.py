@@ -41,6 +41,7 @@ def check_complete(run, vqvae_epochs, prior_epochs):
     assert not list(run.glob(f".*{utils.TEMP_MARK}*")), "temporary files left behind"
 
 
+@pytest.mark.serial  # races the clock (a signal or kill at a moment): CI runs it alone
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, after_epochs", [("vqvae", 2), ("prior", 1)])
 def test_kill_9_then_resume_continues(tiny_args, tmp_path, stage, after_epochs):
@@ -72,6 +73,7 @@ def test_kill_9_then_resume_continues(tiny_args, tmp_path, stage, after_epochs):
     check_complete(run, 5, 3)
 
 
+@pytest.mark.serial  # races the clock (a signal or kill at a moment): CI runs it alone
 @pytest.mark.slow
 def test_death_during_a_checkpoint_write_keeps_the_previous_checkpoint(tiny_args, tmp_path, monkeypatch):
     args = tiny_args(tmp_path / "runs", "torn", "--epochs", "3", "--prior-epochs", "1")
