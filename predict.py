@@ -59,6 +59,8 @@ def evaluate_and_generate(argv: list[str] | None = None) -> None:
                         f"{args.realism_draws}")
     if args.temperature < 0:
         raise UserError(f"--temperature must be 0 or more, got {args.temperature}")
+    if args.top_k < 0:
+        raise UserError(f"--top-k must be 0 (all codes) or more, got {args.top_k}")
     if args.guidance < 0:
         raise UserError(f"--guidance must be 0 or more (1: none), got {args.guidance}")
     for position in args.slice_position or ():
@@ -109,6 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="classifier-free guidance on depth: logits_u + S (logits_c - logits_u); 1 (default) is "
                              "the prior as trained, above 1 weighs the depth more (a prior trained with "
                              "--prior-condition-dropout); sampling costs twice as much")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K",
+                        help="draw each code among the K most likely only (0, the default: among all); cuts the rare "
+                             "codes that speckle a sample (benchmarks/sampling_rules.py compares K on validation)")
     parser.add_argument("--seed", type=int, help="sampling seed (default: the run's seed); same seed, same samples")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="write figures, samples and metrics.json here instead of into the run folder")
@@ -166,20 +171,21 @@ def evaluate_reconstruction(out: Run, config: run_state.Config, vqvae, split: da
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def make_sampler(prior, temperature: float, seed: int, guidance: float = 1.0):
+def make_sampler(prior, temperature: float, seed: int, guidance: float = 1.0, top_k: int = 0):
     """sample(n, positions=None, seed=seed, stream=0, layouts=None) -> (n, H, W) int32 code grids, positions (n,)
     being the slices' depths for a conditioned prior, layouts (n, H/2, W/2) the layouts a two-level prior draws
     its codes from (VQVAE.layout of real slices, say) instead of sampling them. The whole autoregressive loop is
     one compiled graph (tf.function, or jax.jit under JAX; traced once per n, whatever the seed); each position
     draws from Categorical(logits / temperature) (the argmax at 0) with a seed derived from (seed, stream,
     position), so the same seed and stream give the same samples. guidance != 1 samples with classifier-free
-    guidance at that scale (modules.guided_draw; a prior trained with condition_dropout), at twice the cost."""
+    guidance at that scale (modules.guided_draw; a prior trained with condition_dropout), at twice the cost; top_k
+    > 0 draws among the k most likely codes only (modules.top_k_draw)."""
     guided = guidance != 1.0
     if guided and not prior.condition_dropout:
         raise UserError("--guidance needs a prior trained with --prior-condition-dropout above 0 (it must also know "
                         "the slices without their depth); retrain the prior with it, or drop --guidance")
-    compiled = _compiled_tensorflow(prior, temperature, guidance) if keras.backend.backend() != "jax" else \
-        _compiled_jax(prior, temperature, guidance)
+    compiled = (_compiled_tensorflow if keras.backend.backend() != "jax" else _compiled_jax)(
+        prior, temperature, guidance, top_k)
 
     def sample(n: int, positions=None, seed: int = seed, stream: int = 0, layouts=None) -> np.ndarray:
         layouts = None if layouts is None else np.asarray(layouts, "int32")
@@ -194,12 +200,14 @@ def make_sampler(prior, temperature: float, seed: int, guidance: float = 1.0):
     return sample
 
 
-def with_guidance(draw, guidance: float):
-    """A backend's draw rule, guided (modules.guided_draw) unless guidance is 1."""
+def sampling_rule(draw, guidance: float, top_k: int):
+    """A backend's draw rule, among the top_k most likely codes (modules.top_k_draw; 0: all) of the logits that
+    classifier-free guidance makes (modules.guided_draw; 1: none)."""
+    draw = modules.top_k_draw(draw, top_k) if top_k else draw
     return draw if guidance == 1.0 else modules.guided_draw(draw, guidance)
 
 
-def _compiled_tensorflow(prior, temperature: float, guidance: float = 1.0):
+def _compiled_tensorflow(prior, temperature: float, guidance: float = 1.0, top_k: int = 0):
     """compiled(n, condition, (seed, stream), layouts) -> codes, through one tf.function; draws by tfp."""
     import tensorflow as tf
     import tensorflow_probability as tfp
@@ -212,14 +220,14 @@ def _compiled_tensorflow(prior, temperature: float, guidance: float = 1.0):
             position_seed = tf.random.experimental.stateless_fold_in(base_seed, tf.cast(position, tf.int32))
             return tfp.distributions.Categorical(logits=logits / temperature).sample(seed=position_seed)
 
-        return prior.sample(n, with_guidance(draw, guidance), condition, layouts)
+        return prior.sample(n, sampling_rule(draw, guidance, top_k), condition, layouts)
 
     return lambda n, condition, seeds, layouts: compiled(
         n, None if condition is None else tf.constant(condition), tf.constant(seeds, tf.int32),
         None if layouts is None else tf.constant(layouts)).numpy()
 
 
-def _compiled_jax(prior, temperature: float, guidance: float = 1.0):
+def _compiled_jax(prior, temperature: float, guidance: float = 1.0, top_k: int = 0):
     """compiled(n, condition, (seed, stream), layouts) -> codes, through one jax.jit; the weights enter it as
     arguments, not as constants baked into the compiled function."""
     import jax
@@ -231,7 +239,7 @@ def _compiled_jax(prior, temperature: float, guidance: float = 1.0):
             return jax.random.categorical(jax.random.fold_in(key, position), logits / temperature)
 
         with keras.StatelessScope(state_mapping=list(zip(prior.variables, values))):
-            return prior.sample(n, with_guidance(draw, guidance), condition, layouts)
+            return prior.sample(n, sampling_rule(draw, guidance, top_k), condition, layouts)
 
     compiled = jax.jit(sample, static_argnums=0)
     values = [v.value for v in prior.variables]
@@ -245,7 +253,7 @@ def generate(run: Run, out: Run, config: run_state.Config, vqvae, args: argparse
     writes into `out` (the run folder, or --out)."""
     prior = load_prior(run, vqvae, args)
     seed = config.seed if args.seed is None else args.seed
-    sample = make_sampler(prior, args.temperature, seed, args.guidance)
+    sample = make_sampler(prior, args.temperature, seed, args.guidance, args.top_k)
     depths = Depths(run, seed) if prior.num_conditions else None
 
     def generated(n: int, positions=None, stream: int = 0, layouts=None) -> np.ndarray:
@@ -286,7 +294,8 @@ def samples_asked_for(out: Run, generated, depths, args: argparse.Namespace, con
     samples = generated(n, positions)
     seconds = time.time() - start
     where = f", at depths {', '.join(f'{p:.2f}' for p in args.slice_position)}" if args.slice_position else ""
-    guided = f", guidance {args.guidance}" if args.guidance != 1.0 else ""
+    guided = (f", guidance {args.guidance}" if args.guidance != 1.0 else "") + (
+        f", top-k {args.top_k}" if args.top_k else "")
     print(f"generated {n} brains ({config.grid_size}x{config.grid_size} codes, temperature {args.temperature}"
           f"{guided}, seed {seed}{where}) in {seconds:.1f} s, compilation included")
     out.write_samples(samples)
@@ -295,7 +304,8 @@ def samples_asked_for(out: Run, generated, depths, args: argparse.Namespace, con
                           title=f"PixelCNN samples, temperature {args.temperature}, seed {seed}",
                           captions=None if positions is None else {
                               label: [f"depth {p:.2f}" for p in positions[rows[label]]] for label in rows})
-    return {"num_samples": n, "temperature": args.temperature, "guidance": args.guidance, "seed": seed,
+    return {"num_samples": n, "temperature": args.temperature, "guidance": args.guidance, "top_k": args.top_k,
+            "seed": seed,
             "sampling_seconds": round(seconds, 2),
             "conditioned_on_depth": depths is not None}
 

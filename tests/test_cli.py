@@ -165,6 +165,12 @@ def test_generation_at_given_depths(tiny_run, capsys):
     assert predict.main([*args, "--slice-position", "1.5"]) == 2
     err = capsys.readouterr().err
     assert "--slice-position takes depths from 0" in err and err.count("\n") == 1
+    assert predict.main([*args, "--top-k", "2"]) == 0  # among each position's 2 likeliest codes
+    assert "top-k 2" in capsys.readouterr().out
+    assert json.loads((tiny_run / "metrics.json").read_text())["samples"]["top_k"] == 2
+    assert predict.main([*args, "--top-k", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--top-k must be 0" in err and err.count("\n") == 1
 
 
 def test_predict_uses_newest_run_by_default(tiny_run, monkeypatch, capsys):
@@ -309,6 +315,26 @@ def test_the_prior_capacity_benchmark_trains_samples_and_draws_its_figure_from_a
             assert saved[key].shape == (8, 8, 8) and 0 <= saved[key].min() and saved[key].max() < 16, key
     benchmark("prior_capacity", "--run", str(tiny_run), "--figure", str(out), expect_json=False)
     assert {p.name for p in out.glob("capacity_*.png")} == {"capacity_8x1.png", "capacity_8x1k5a1.png"}
+
+
+def test_the_sampling_rules_benchmark_judges_each_rule_on_validation_halves_only(tiny_run, tmp_path):
+    """Rules judged against the validation slices, the ideal the training slices; the test split is not read (here it
+    does not exist)."""
+    from test_benchmarks import benchmark
+
+    data = dataset.make_demo(tmp_path / "demo", subjects=(1, 2, 1), seed=3, verbose=False)
+    shutil.rmtree(data / "keras_png_slices_test")
+    figures = benchmark("sampling_rules", "--run", str(tiny_run), "--data-dir", str(data), "--temperatures", "0.5",
+                        "1.0", "--top-k", "0", "2")
+    assert list(figures["rules"]) == ["real training slices"] + [f"T {t}, guidance 1.0, top-k {k}" for t in (0.5, 1.0)
+                                                             for k in (0, 2)]
+    chosen = figures["chosen"]
+    assert figures["rules"][chosen]["accuracy"] == min(r["accuracy"] for name, r in figures["rules"].items()
+                                                       if name.startswith("T "))
+    for row in figures["rules"].values():
+        assert 0 <= row["ci95"][0] <= row["accuracy"] <= row["ci95"][1] <= 1
+        assert set(row["tissue_x_floor"]) == {"tissue_fraction_error", "tissue_map_error", "shape_error"}
+    assert figures["rules"]["real training slices"]["tissue_x_floor"]["shape_error"] == 1.0  # the floor itself
 
 
 def test_a_run_folder_written_by_the_previous_layout_still_predicts(demo_dir, tmp_path, capsys):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import eager_loops
-from modules import MaskedConv2D, PixelCNNPrior, guided_draw, pixelcnn_mask
+from modules import MaskedConv2D, PixelCNNPrior, guided_draw, pixelcnn_mask, top_k_draw
 
 pytestmark = pytest.mark.any_backend
 
@@ -245,3 +245,23 @@ def test_guided_sampling_draws_from_the_guided_logits_and_ties_the_unconditioned
     for position in range(48):
         c, u = full[:2, position // 8, position % 8], full[2:, position // 8, position % 8]
         np.testing.assert_allclose(seen[position], u + 3.0 * (c - u), rtol=1e-4, atol=1e-4)
+
+
+def test_top_k_sampling_draws_only_among_the_k_most_likely_codes():
+    logits = keras.ops.convert_to_tensor(np.random.default_rng(4).normal(size=(64, K)).astype("float32"))
+    seen = {}
+
+    def draw(masked, position):
+        seen["logits"] = np.asarray(masked)
+        return keras.random.categorical(masked, 1, seed=int(position))[:, 0]
+
+    codes = np.asarray(top_k_draw(draw, 3)(logits, 7))
+    top3 = np.argsort(-np.asarray(logits), axis=1)[:, :3]
+    assert all(code in row for code, row in zip(codes, top3))  # 64 draws, none outside each row's top 3
+    kept = seen["logits"] > -1e8
+    assert (kept.sum(axis=1) == 3).all() and np.array_equal(np.sort(np.flatnonzero(kept[0])), np.sort(top3[0]))
+    np.testing.assert_array_equal(seen["logits"][kept], np.asarray(logits)[kept])  # the kept logits unchanged
+    np.asarray(top_k_draw(draw, K + 5)(logits, 7))  # k beyond K: every code kept
+    np.testing.assert_array_equal(seen["logits"], np.asarray(logits))
+    greedy = lambda masked, position: keras.ops.argmax(masked, axis=-1)
+    np.testing.assert_array_equal(np.asarray(top_k_draw(greedy, 1)(logits, 0)), np.argmax(np.asarray(logits), 1))
