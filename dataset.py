@@ -230,6 +230,14 @@ class Split:
         subjects = slice_subjects(self.files)
         return np.array([f"{self.name} {i}" for i in range(len(self.files))]) if subjects is None else subjects
 
+    def subject_at_depths(self, count: int) -> tuple[str, np.ndarray]:
+        """The first subject of the split and the indices of `count` of its slices spread evenly over its depths,
+        lowest first (the real row of the figures that put samples beside real slices at the same depths)."""
+        subjects = self.subjects()
+        mine = np.flatnonzero(subjects == subjects[0])
+        mine = mine[np.argsort(self.positions[mine])]
+        return str(subjects[0]), mine[np.linspace(0, len(mine) - 1, count).round().astype(int)]
+
 
 def make_dataset(files: list[str], image_size: int, batch_size: int, shuffle: bool, seed: int = 0,
                  epoch_size: int | None = None):

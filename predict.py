@@ -388,10 +388,7 @@ class Depths:
 
 def depth_figure(path, test: dataset.Split, generated, columns: int = 8, rows: int = 3) -> None:
     """Slices of the first test subject at `columns` depths, and `rows` samples generated at each of those depths."""
-    subject = dataset.SLICE_NAME.match(Path(test.files[0]).name)["subject"]
-    mine = np.flatnonzero([Path(f).name.startswith(subject + "_slice_") for f in test.files])
-    mine = mine[np.argsort(test.positions[mine])]
-    pick = mine[np.linspace(0, len(mine) - 1, columns).round().astype(int)]
+    subject, pick = test.subject_at_depths(columns)
     depths = test.positions[pick]
     samples = generated(columns * rows, np.tile(depths, rows))
     figure_rows = {f"real: test subject {subject}": test.images[pick]}

@@ -34,13 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     config, vqvae = run.read_config(), run.load_vqvae()
     prior = run.stage("prior").load_model(float32=True)
     test = dataset.Split.load(config.data_dir, "test", config.image_size)
-    subjects = test.subjects()
-    mine = np.flatnonzero(subjects == subjects[0])
-    mine = mine[np.argsort(test.positions[mine])]
-    pick = mine[np.linspace(0, len(mine) - 1, 8).round().astype(int)]
+    subject, pick = test.subject_at_depths(8)
     real, depths = test.images[pick], test.positions[pick]
     reconstructions, codes = utils.reconstruct(vqvae, real)
-    rows = {f"real: test {subjects[0]}": real, "reconstructed": reconstructions}
+    rows = {f"real: test {subject}": real, "reconstructed": reconstructions}
     for temperature in args.temperatures:
         sample = predict.make_sampler(prior, temperature, args.seed)
         rows[f"T={temperature}"] = utils.batched(vqvae.decode, sample(8, depths))
@@ -52,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         rows["T=1 given the real layouts"] = utils.batched(vqvae.decode, sample(8, depths, layouts=layouts))
     args.out.mkdir(parents=True, exist_ok=True)
     utils.plot_image_rows(args.out / "diagnosis.png", rows, title=f"{args.run}: where the anatomy is lost",
-                          captions={f"real: test {subjects[0]}": [f"depth {d:.2f}" for d in depths]})
+                          captions={f"real: test {subject}": [f"depth {d:.2f}" for d in depths]})
     print(f"wrote {args.out / 'diagnosis.png'}")
     return 0
 

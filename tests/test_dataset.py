@@ -322,3 +322,12 @@ def test_the_prior_keeps_the_weights_of_its_best_validation_epoch(tmp_path):
     np.testing.assert_array_equal(keras.saving.load_model(run.stage("prior").checkpoint).get_weights()[0],
                                   weights[1][0])
     assert run.stage("prior").epochs_done == 3
+
+
+def test_a_subject_at_evenly_spread_depths_lowest_first(demo_dir):
+    split = dataset.Split.load(demo_dir, "train", 32)  # two subjects of 32 slices, in file order
+    subject, pick = split.subject_at_depths(8)
+    subjects = split.subjects()
+    assert subject == subjects[0] and (subjects[pick] == subject).all() and len(set(pick)) == 8
+    depths = split.positions[pick]
+    assert depths[0] == 0 and depths[-1] == 1 and (np.diff(depths) > 0).all()
