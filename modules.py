@@ -810,8 +810,8 @@ def guided_draw(draw, scale: float):
 
 def top_k_draw(draw, k: int):
     """A draw rule for PixelCNNPrior.sample that only draws among the k most likely codes at each position (top-k
-    sampling, Fan et al. 2018): the logits of the others become -1e9 before `draw` sees them. The rare codes a full
-    draw picks now and then are what speckles a sample; k >= K changes nothing."""
+    sampling, Fan et al. 2018): the logits of the others become -1e9 before `draw` sees them, so the rare codes a
+    full draw picks now and then are never drawn; k >= K changes nothing."""
     def truncated(logits, position):
         kth = ops.top_k(logits, min(k, logits.shape[-1]))[0][:, -1:]  # (N, 1): the k-th largest logit
         return draw(ops.where(logits < kth, ops.cast(-1e9, logits.dtype), logits), position)

@@ -112,8 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the prior as trained, above 1 weighs the depth more (a prior trained with "
                              "--prior-condition-dropout); sampling costs twice as much")
     parser.add_argument("--top-k", type=int, default=0, metavar="K",
-                        help="draw each code among the K most likely only (0, the default: among all); cuts the rare "
-                             "codes that speckle a sample (benchmarks/sampling_rules.py compares K on validation)")
+                        help="draw each code among the K most likely only (0, the default: among all); on the demo "
+                             "it did not make samples more real (benchmarks/sampling_rules.py compares K on validation)")
     parser.add_argument("--seed", type=int, help="sampling seed (default: the run's seed); same seed, same samples")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="write figures, samples and metrics.json here instead of into the run folder")
