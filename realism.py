@@ -398,11 +398,13 @@ def describe_failure(entry: dict) -> str:
     return f"{name} {show(entry['generated'])} (real {show(entry['test'])}, validation {show(entry['validation'])})"
 
 
-def tissue_report(segmenter, generated: tuple, validation: tuple, test: tuple, test_labels: np.ndarray | None) -> tuple:
+def tissue_report(segmenter, generated: tuple, validation: tuple, test: tuple, test_labels: np.ndarray | None,
+                  verbose: bool = True) -> tuple:
     """The tissue report of generated slices: each set (images, depths) is segmented by the run's segmenter and
     compared with the real test slices, beside the floor (real validation slices against the same test slices).
     test_labels: the test slices' true segmentations (the segmenter's Dice, its known answer). Returns (the
-    metrics' `anatomy` section, the statistics per set for the figure)."""
+    metrics' `anatomy` section, the statistics per set for the figure), and prints the report unless verbose is
+    False (for a caller whose sets play other roles, which would make the printed names wrong)."""
     sets = {"generated": generated, "validation": validation, "test": test}
     labels = {name: segment(segmenter, images) for name, (images, _) in sets.items()}
     stats = {name: tissue_statistics(images, labels[name], depths) for name, (images, depths) in sets.items()}
@@ -411,6 +413,8 @@ def tissue_report(segmenter, generated: tuple, validation: tuple, test: tuple, t
     section = {"segmenter_dice": None if test_labels is None else dice(labels["test"], test_labels), **errors,
                "floor": floor, "bands": {name: band_summary(s) for name, s in stats.items()},
                "where_samples_fail": failures}
+    if not verbose:
+        return section, {**stats, "labels": labels}
     print("tissue report (segmented by the run's segmenter; the floor: real validation vs real test slices):")
     if section["segmenter_dice"]:
         print("  segmenter Dice on the real test slices: "

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             result = {"accuracy": c2st["accuracy"], "ci95": c2st["ci95"]}
             if segmenter is not None:
                 anatomy, _ = realism.tissue_report(segmenter, (images, positions), reference,
-                                                   (validation.images, validation.positions), None)
+                                                   (validation.images, validation.positions), None,
+                                                   verbose=False)
                 result["tissue_x_floor"] = {key: times_floor(anatomy[key], anatomy["floor"][key])
                                             for key in TISSUE_ERRORS}
             return result
