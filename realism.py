@@ -398,6 +398,24 @@ def describe_failure(entry: dict) -> str:
     return f"{name} {show(entry['generated'])} (real {show(entry['test'])}, validation {show(entry['validation'])})"
 
 
+def print_tissue_report(section: dict, errors: dict) -> None:
+    """Prints a tissue report's Dice, its errors (`errors`: their names and values) beside their floor, and where the
+    samples fail per depth band."""
+    floor = section["floor"]
+    print("tissue report (segmented by the run's segmenter; the floor: real validation vs real test slices):")
+    if section["segmenter_dice"]:
+        print("  segmenter Dice on the real test slices: "
+              + ", ".join(f"{t} {v:.3f}" for t, v in section["segmenter_dice"].items()))
+    for key in errors:
+        print(f"  {key:>22}  samples {errors[key]:.4f}  floor {floor[key]:.4f}  "
+              f"({errors[key] / max(floor[key], 1e-9):.1f}x)")
+    print("  where the samples stand furthest from the real test slices, per depth band (beyond real validation):")
+    for band, entries in enumerate(section["where_samples_fail"]):
+        if entries is not None:
+            print(f"    depth {band / BANDS:.1f}-{(band + 1) / BANDS:.1f}: "
+                  + ("; ".join(map(describe_failure, entries)) or "no statistic beyond real validation's"))
+
+
 def tissue_report(segmenter, generated: tuple, validation: tuple, test: tuple, test_labels: np.ndarray | None,
                   verbose: bool = True) -> tuple:
     """The tissue report of generated slices: each set (images, depths) is segmented by the run's segmenter and
@@ -413,18 +431,6 @@ def tissue_report(segmenter, generated: tuple, validation: tuple, test: tuple, t
     section = {"segmenter_dice": None if test_labels is None else dice(labels["test"], test_labels), **errors,
                "floor": floor, "bands": {name: band_summary(s) for name, s in stats.items()},
                "where_samples_fail": failures}
-    if not verbose:
-        return section, {**stats, "labels": labels}
-    print("tissue report (segmented by the run's segmenter; the floor: real validation vs real test slices):")
-    if section["segmenter_dice"]:
-        print("  segmenter Dice on the real test slices: "
-              + ", ".join(f"{t} {v:.3f}" for t, v in section["segmenter_dice"].items()))
-    for key in errors:
-        print(f"  {key:>22}  samples {errors[key]:.4f}  floor {floor[key]:.4f}  "
-              f"({errors[key] / max(floor[key], 1e-9):.1f}x)")
-    print("  where the samples stand furthest from the real test slices, per depth band (beyond real validation):")
-    for band, entries in enumerate(failures):
-        if entries is not None:
-            print(f"    depth {band / BANDS:.1f}-{(band + 1) / BANDS:.1f}: "
-                  + ("; ".join(map(describe_failure, entries)) or "no statistic beyond real validation's"))
+    if verbose:
+        print_tissue_report(section, errors)
     return section, {**stats, "labels": labels}
