@@ -547,12 +547,6 @@ class PixelCNNPrior(keras.Model):
     depth's sin/cos features equal), so the one model is also an unconditional prior: sampling can then use
     classifier-free guidance (Ho & Salimans 2022), logits_u + s (logits_c - logits_u) (`guided_draw`).
 
-    With input_noise q > 0, training shows the stack a share q of its input codes (and of a two-level prior's
-    layout cells, in the layout prior's input) replaced by an earlier neighbour's (`corrupt`), while the targets
-    stay the true codes: sampling feeds the prior its own draws, some of them wrong, and a prior that has
-    only seen true codes before each position carries such a mistake on into the rest of the grid (exposure bias).
-    Sampling and evaluation are unchanged.
-
     Example (the demo preset's code prior, one level): PixelCNNPrior(num_embeddings=256, grid_shape=(32, 32),
     channels=32, num_layers=6, kernel_size=3) maps codes (8, 32, 32) to logits (8, 32, 32, 256); its position map
     is a learned (32, 32, 32) weight.
@@ -560,7 +554,7 @@ class PixelCNNPrior(keras.Model):
 
     def __init__(self, num_embeddings: int, grid_shape, channels: int, num_layers: int, kernel_size: int,
                  num_conditions: int = 0, attention_layers: int = 0, layout_levels: int = 0,
-                 condition_dropout: float = 0.0, input_noise: float = 0.0, **kwargs):
+                 condition_dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         _check_positive(num_embeddings=num_embeddings, channels=channels, num_layers=num_layers,
                         grid_height=grid_shape[0], grid_width=grid_shape[1])
@@ -581,10 +575,6 @@ class PixelCNNPrior(keras.Model):
             raise ValueError(f"condition_dropout must be in [0, 1), and 0 without conditions, got {condition_dropout}")
         self.condition_dropout = condition_dropout
         self.dropout_seed = keras.random.SeedGenerator(0) if condition_dropout else None
-        if not 0 <= input_noise < 1:
-            raise ValueError(f"input_noise must be in [0, 1), got {input_noise}")
-        self.input_noise = input_noise
-        self.noise_seed = keras.random.SeedGenerator(1) if input_noise else None
         policy = self.dtype_policy
         self.embedding = layers.Embedding(num_embeddings, channels, name="code_embedding", dtype=policy)
         self.blocks = [GatedPixelCNNBlock(channels, kernel_size, first=i == 0, last=i == num_layers - 1,
@@ -600,8 +590,7 @@ class PixelCNNPrior(keras.Model):
         self.head_logits = layers.Conv2D(num_embeddings, 1, name="logits", dtype="float32")  # softmax in float32
         if layout_levels:
             self.layout_prior = PixelCNNPrior(layout_levels, self.layout_shape, channels, num_layers, kernel_size,
-                                              num_conditions, input_noise=input_noise, name="layout_prior",
-                                              dtype=policy)
+                                              num_conditions, name="layout_prior", dtype=policy)
             self.layout_embedding = layers.Embedding(layout_levels, channels, name="layout_embedding", dtype=policy)
             # two 3x3 convolutions, over cells then over codes: each code sees the layout 2 cells around it
             self.layout_convs = [layers.Conv2D(channels, 3, padding="same", activation="relu", name=name,
@@ -664,28 +653,8 @@ class PixelCNNPrior(keras.Model):
             cells = ops.repeat(cells, LAYOUT_POOL, axis=axis)
         return self.layout_convs[1](cells)  # (N, H, W, C)
 
-    def corrupt(self, codes):
-        """(N, H, W) codes -> the same with a share input_noise of them replaced by the code of a neighbour that comes
-        before them in raster order (up-left, up, up-right or left, at random): a position's input then carries
-        nothing that the positions after it may not see. On the grid's edge, where that neighbour is missing, the
-        code stays."""
-        import numpy as np
-
-        height, width = self.grid_shape
-        rows, cols = np.arange(height)[:, None], np.arange(width)[None, :]
-        neighbours = []
-        for dy, dx in ((1, 1), (1, 0), (1, -1), (0, 1)):  # ops.roll by (dy, dx): (i, j) gets (i - dy, j - dx)
-            inside = (rows - dy >= 0) & (cols - dx >= 0) & (cols - dx < width)  # (H, W): no wrap-around
-            neighbours.append(ops.where(inside[None], ops.roll(codes, (dy, dx), axis=(1, 2)), codes))
-        pick = keras.random.randint(ops.shape(codes), 0, len(neighbours), seed=self.noise_seed)
-        replacement = ops.take_along_axis(ops.stack(neighbours, axis=-1), pick[..., None], axis=-1)[..., 0]
-        noisy = keras.random.uniform(ops.shape(codes), seed=self.noise_seed) < self.input_noise
-        return ops.where(noisy, replacement, codes)
-
     def call(self, inputs, training=False):
         codes, condition, layout = self._split_inputs(inputs)
-        if training and self.input_noise:  # the stack sees corrupted codes; the loss compares with the true ones
-            codes = self.corrupt(ops.cast(codes, "int32"))
         if training and self.condition_dropout:  # one draw per grid, for its codes and its layout alike
             kept = keras.random.uniform((ops.shape(condition)[0], 1), seed=self.dropout_seed) >= self.condition_dropout
             condition = condition * ops.cast(kept, condition.dtype)
@@ -714,7 +683,7 @@ class PixelCNNPrior(keras.Model):
         logits = self.head_logits(ops.relu(self.head_hidden(features)))  # (N, H, W, K)
         if not self.layout_levels:
             return logits
-        layout_logits = self.layout_prior(self.layout_prior.pack_inputs(layout, condition), training=training)
+        layout_logits = self.layout_prior(self.layout_prior.pack_inputs(layout, condition))
         return {"codes": logits, "layout": layout_logits}
 
     def receptive_rows(self) -> int:
@@ -822,8 +791,7 @@ class PixelCNNPrior(keras.Model):
         return {**super().get_config(), "num_embeddings": self.num_embeddings, "grid_shape": self.grid_shape,
                 "channels": self.channels, "num_layers": self.num_layers, "kernel_size": self.kernel_size,
                 "num_conditions": self.num_conditions, "attention_layers": self.attention_layers,
-                "layout_levels": self.layout_levels, "condition_dropout": self.condition_dropout,
-                "input_noise": self.input_noise}
+                "layout_levels": self.layout_levels, "condition_dropout": self.condition_dropout}
 
 
 def guided_draw(draw, scale: float):

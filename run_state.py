@@ -73,9 +73,6 @@ class Config:
     prior_condition_dropout: float = setting(0.0, "share of training grids whose depth is hidden from the prior, so "
                                                    "that predict.py --guidance can sample with classifier-free "
                                                    "guidance (0: off; the papers use about 0.1)")
-    prior_input_noise: float = setting(0.0, "share of the codes before each position that training replaces by a "
-                                            "neighbour's, so that the prior learns to carry on past its own "
-                                            "sampling mistakes (0: off)")
     prior_layout_levels: int = setting(0, "0: one prior over the codes; L >= 2: a two-level prior that first samples "
                                           "a coarse layout (each 2x2 codes' mean decoded intensity in L bins) with a "
                                           "PixelCNN of its own, then the codes given it")
@@ -142,8 +139,6 @@ class Config:
         if not 0 <= self.prior_condition_dropout < 1:
             raise UserError(f"--prior-condition-dropout must be at least 0 and below 1, got "
                             f"{self.prior_condition_dropout}")
-        if not 0 <= self.prior_input_noise < 1:
-            raise UserError(f"--prior-input-noise must be at least 0 and below 1, got {self.prior_input_noise}")
         if self.prior_position_frequencies < 0:
             raise UserError(f"--prior-position-frequencies must be 0 or more, got {self.prior_position_frequencies}")
         if not 0 <= self.background < 1:
@@ -164,8 +159,7 @@ class Config:
                     channels=self.prior_channels, num_layers=self.prior_layers, kernel_size=self.prior_kernel_size,
                     num_conditions=2 * self.prior_position_frequencies,
                     attention_layers=self.prior_attention_layers, layout_levels=self.prior_layout_levels,
-                    condition_dropout=self.prior_condition_dropout if self.prior_position_frequencies else 0.0,
-                    input_noise=self.prior_input_noise)
+                    condition_dropout=self.prior_condition_dropout if self.prior_position_frequencies else 0.0)
 
     @property
     def grid_size(self) -> int:

@@ -14,12 +14,12 @@ K = 7
 
 
 def make_prior(layers=3, kernel_size=3, conditions=0, seed=0, grid=(6, 7), attention=0, layout=0,
-               dropout=0.0, noise=0.0):
+               dropout=0.0):
     keras.utils.set_random_seed(seed)
     prior = PixelCNNPrior(num_embeddings=K, grid_shape=grid, channels=8, num_layers=layers,
                           kernel_size=kernel_size, num_conditions=conditions, attention_layers=attention,
                           layout_levels=layout,
-                          condition_dropout=dropout, input_noise=noise)
+                          condition_dropout=dropout)
     prior.build(prior.pack_inputs((None, *grid), (None, conditions), (None, *prior.layout_shape)))
     rng = np.random.default_rng(seed)  # weights far from initial so every path carries signal
     for weight in prior.weights:
@@ -177,7 +177,7 @@ def test_conditioning_reaches_the_logits_of_every_position():
 
 @pytest.mark.parametrize("layout, dropout", [(0, 0.0), (3, 0.1)])
 def test_prior_keras_round_trip(tmp_path, layout, dropout):
-    prior = make_prior(conditions=2, attention=1, layout=layout, grid=(6, 8), dropout=dropout, noise=dropout)
+    prior = make_prior(conditions=2, attention=1, layout=layout, grid=(6, 8), dropout=dropout)
     codes = np.random.default_rng(0).integers(0, K, (2, 6, 8))
     inputs = [codes, np.ones((2, 2), "float32")] + [np.ones((2, 3, 4), "int32")] * bool(layout)
     prior.save(tmp_path / "prior.keras")
@@ -219,27 +219,6 @@ def test_condition_dropout_hides_the_depth_of_some_grids_in_training_only():
     shown = np.array([np.allclose(t, conditioned[0], atol=1e-5) for t in trained])
     assert (hidden | shown).all() and 10 < hidden.sum() < 54  # about half of 64, each grid one or the other
     np.testing.assert_allclose(np.asarray(prior([codes, condition])), np.repeat(conditioned, 64, 0), atol=1e-5)
-
-
-def test_input_noise_replaces_codes_by_earlier_neighbours_in_training_only():
-    noisy, clean = make_prior(grid=(8, 8), noise=0.3), make_prior(grid=(8, 8))  # the same weights
-    codes = np.random.default_rng(1).integers(0, K, (4, 8, 8))
-    np.testing.assert_array_equal(np.asarray(noisy(codes)), np.asarray(clean(codes)))  # evaluation: no noise
-    order = np.tile(np.arange(64).reshape(1, 8, 8), (64, 1, 1))  # each code its raster position
-    corrupted = np.asarray(noisy.corrupt(order))
-    moved = corrupted != order
-    assert 0.2 < moved.mean() < 0.35  # about 0.3, less the edge positions that lack the drawn neighbour
-    assert set(np.unique(order - corrupted)) == {0, 1, 7, 8, 9}  # left, up-right, up, up-left: all before it
-    assert not moved[:, 0, 0].any()  # the first position has no neighbour before it
-    # in training the noise stays causal: a changed code moves no logit at or before it (the same noise drawn)
-    state = np.asarray(noisy.noise_seed.state.value)
-    before = np.asarray(noisy(codes, training=True))
-    assert not np.allclose(before, np.asarray(clean(codes)), atol=1e-5)  # training does see corrupted codes
-    other = codes.copy()
-    other[:, 4, 3] = (other[:, 4, 3] + 1) % K
-    noisy.noise_seed.state.assign(state)
-    changed = np.abs(np.asarray(noisy(other, training=True)) - before).max(-1) > 1e-5
-    assert not changed.reshape(4, 64)[:, :4 * 8 + 3 + 1].any() and changed.any()
 
 
 @pytest.mark.parametrize("layout", [0, 3])
