@@ -3,6 +3,9 @@
 - do the codes carry ventricles and the cortical ribbon? (the VQ-VAE's reconstructions of a test subject)
 - does the prior know the layout? (greedy samples, T = 0) Is it sampling entropy? (T = 0.7 and 1)
 - with a two-level prior: is it the layout or the codes? (codes drawn at T = 1 given the test slices' own layouts)
+- is the anatomy in each code's distribution, or lost as the sampler goes on? (teacher forcing: every code drawn at
+  T = 1 given the true codes before it, in one pass: if these keep the ventricles that free sampling loses, the
+  prior cannot hold the anatomy over its own draws)
 
     python -m benchmarks.sample_diagnosis --run runs/base --out /tmp/diagnosis
 
@@ -15,12 +18,29 @@ import argparse
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 
 import dataset
+import modules
 import predict
 import run_state
 import utils
+
+
+def teacher_forced(prior, codes, positions, layouts, temperature: float, seed: int) -> np.ndarray:
+    """(N, H, W) code grids -> each code drawn again at `temperature` (the argmax at 0) from the prior's logits
+    given the true codes before it (and the true layout and depth), all positions at once."""
+    condition = (np.asarray(modules.slice_position_features(np.asarray(positions, "float32"),
+                                                            prior.num_conditions // 2))
+                 if prior.num_conditions else None)
+    logits = prior(prior.pack_inputs(np.asarray(codes, "int32"), condition, layouts))
+    logits = np.asarray(logits["codes"] if prior.layout_levels else logits)  # (N, H, W, K)
+    if not temperature:
+        return logits.argmax(-1).astype("int32")
+    flat = logits.reshape(-1, logits.shape[-1]) / temperature
+    drawn = keras.random.categorical(flat, 1, seed=seed)
+    return np.asarray(drawn).reshape(codes.shape).astype("int32")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,10 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         rows[f"T={temperature}"] = utils.batched(vqvae.decode, sample(8, depths))
         if temperature:
             rows[f"T={temperature} (2)"] = utils.batched(vqvae.decode, sample(8, depths, stream=1))
+    layouts = utils.code_layouts(vqvae, codes, prior.layout_levels) if prior.layout_levels else None
     if prior.layout_levels:
-        layouts = utils.code_layouts(vqvae, codes, prior.layout_levels)
         sample = predict.make_sampler(prior, 1.0, args.seed)
         rows["T=1 given the real layouts"] = utils.batched(vqvae.decode, sample(8, depths, layouts=layouts))
+    rows["T=1, each code given the true codes before it"] = utils.batched(
+        vqvae.decode, teacher_forced(prior, codes, depths, layouts, 1.0, args.seed))
     args.out.mkdir(parents=True, exist_ok=True)
     utils.plot_image_rows(args.out / "diagnosis.png", rows, title=f"{args.run}: where the anatomy is lost",
                           captions={f"real: test {subject}": [f"depth {d:.2f}" for d in depths]})

@@ -13,9 +13,11 @@ import tensorflow as tf
 from PIL import Image
 
 import dataset
+import modules
 import predict
 import realism
 import train
+import utils
 from conftest import TINY
 from run_state import Run
 
@@ -347,3 +349,25 @@ def test_a_run_folder_written_by_the_previous_layout_still_predicts(demo_dir, tm
     out = capsys.readouterr().out
     assert "samples, depths drawn from training" in out and "prior NLL on the test split" in out
     assert {"reconstruction", "samples", "vqvae", "prior"} <= set(json.loads((run / "metrics.json").read_text()))
+
+
+def test_sample_diagnosis_draws_each_code_given_the_true_codes_before_it(tiny_run, tmp_path):
+    from benchmarks import sample_diagnosis
+
+    run = Run.open(tiny_run, read_only=True)
+    prior = run.stage("prior").load_model(float32=True)
+    codes, positions = run.read_codes("validate")
+    codes, positions = codes[:6].astype("int32"), positions[:6]
+    levels = prior.layout_levels
+    layouts = utils.code_layouts(run.load_vqvae(), codes, levels) if levels else None
+    greedy = sample_diagnosis.teacher_forced(prior, codes, positions, layouts, 0.0, seed=0)
+    condition = np.asarray(modules.slice_position_features(positions, prior.num_conditions // 2))
+    logits = prior(prior.pack_inputs(codes, condition, layouts))
+    expected = np.asarray(logits["codes"] if levels else logits).argmax(-1)
+    np.testing.assert_array_equal(greedy, expected)  # T = 0: the most likely code given the true ones before
+    drawn = [sample_diagnosis.teacher_forced(prior, codes, positions, layouts, 1.0, seed=s) for s in (0, 0, 1)]
+    assert drawn[0].shape == codes.shape and 0 <= drawn[0].min() and drawn[0].max() < prior.num_embeddings
+    np.testing.assert_array_equal(drawn[0], drawn[1])  # the same seed, the same draws
+    assert (drawn[0] != drawn[2]).any()
+    assert sample_diagnosis.main(["--run", str(tiny_run), "--out", str(tmp_path), "--temperatures", "1.0"]) == 0
+    assert (tmp_path / "diagnosis.png").is_file()
