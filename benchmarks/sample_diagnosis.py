@@ -22,19 +22,17 @@ import keras
 import numpy as np
 
 import dataset
-import modules
 import predict
 import run_state
+import train
 import utils
 
 
-def teacher_forced(prior, codes, positions, layouts, temperature: float, seed: int) -> np.ndarray:
-    """(N, H, W) code grids -> each code drawn again at `temperature` (the argmax at 0) from the prior's logits
-    given the true codes before it (and the true layout and depth), all positions at once."""
-    condition = (np.asarray(modules.slice_position_features(np.asarray(positions, "float32"),
-                                                            prior.num_conditions // 2))
-                 if prior.num_conditions else None)
-    logits = prior(prior.pack_inputs(np.asarray(codes, "int32"), condition, layouts))
+def teacher_forced(prior, vqvae, codes, positions, temperature: float, seed: int) -> np.ndarray:
+    """(N, H, W) code grids of slices at depths `positions` -> each code drawn again at `temperature` (the argmax
+    at 0) from the prior's logits given the true codes before it (and the true layout and depth), all at once."""
+    inputs, _ = train.prior_inputs(prior, np.asarray(codes), np.asarray(positions, "float32"), vqvae)
+    logits = prior(inputs)
     logits = np.asarray(logits["codes"] if prior.layout_levels else logits)  # (N, H, W, K)
     if not temperature:
         return logits.argmax(-1).astype("int32")
@@ -63,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         rows[f"T={temperature}"] = utils.batched(vqvae.decode, sample(8, depths))
         if temperature:
             rows[f"T={temperature} (2)"] = utils.batched(vqvae.decode, sample(8, depths, stream=1))
-    layouts = utils.code_layouts(vqvae, codes, prior.layout_levels) if prior.layout_levels else None
     if prior.layout_levels:
+        layouts = utils.code_layouts(vqvae, codes, prior.layout_levels)
         sample = predict.make_sampler(prior, 1.0, args.seed)
         rows["T=1 given the real layouts"] = utils.batched(vqvae.decode, sample(8, depths, layouts=layouts))
     rows["T=1, each code given the true codes before it"] = utils.batched(
-        vqvae.decode, teacher_forced(prior, codes, depths, layouts, 1.0, args.seed))
+        vqvae.decode, teacher_forced(prior, vqvae, codes, depths, 1.0, args.seed))
     args.out.mkdir(parents=True, exist_ok=True)
     utils.plot_image_rows(args.out / "diagnosis.png", rows, title=f"{args.run}: where the anatomy is lost",
                           captions={f"real: test {subject}": [f"depth {d:.2f}" for d in depths]})

@@ -358,14 +358,14 @@ def test_sample_diagnosis_draws_each_code_given_the_true_codes_before_it(tiny_ru
     prior = run.stage("prior").load_model(float32=True)
     codes, positions = run.read_codes("validate")
     codes, positions = codes[:6].astype("int32"), positions[:6]
-    levels = prior.layout_levels
-    layouts = utils.code_layouts(run.load_vqvae(), codes, levels) if levels else None
-    greedy = sample_diagnosis.teacher_forced(prior, codes, positions, layouts, 0.0, seed=0)
+    vqvae, levels = run.load_vqvae(), prior.layout_levels
+    layouts = utils.code_layouts(vqvae, codes, levels) if levels else None
+    greedy = sample_diagnosis.teacher_forced(prior, vqvae, codes, positions, 0.0, seed=0)
     condition = np.asarray(modules.slice_position_features(positions, prior.num_conditions // 2))
     logits = prior(prior.pack_inputs(codes, condition, layouts))
     expected = np.asarray(logits["codes"] if levels else logits).argmax(-1)
     np.testing.assert_array_equal(greedy, expected)  # T = 0: the most likely code given the true ones before
-    drawn = [sample_diagnosis.teacher_forced(prior, codes, positions, layouts, 1.0, seed=s) for s in (0, 0, 1)]
+    drawn = [sample_diagnosis.teacher_forced(prior, vqvae, codes, positions, 1.0, seed=s) for s in (0, 0, 1)]
     assert drawn[0].shape == codes.shape and 0 <= drawn[0].min() and drawn[0].max() < prior.num_embeddings
     np.testing.assert_array_equal(drawn[0], drawn[1])  # the same seed, the same draws
     assert (drawn[0] != drawn[2]).any()
