@@ -322,7 +322,9 @@ def judged(run: Run, out: Run, config: run_state.Config, vqvae, prior, generated
     if args.no_realism or not (n and draws):
         return {}
     stamp = run.stage("vqvae").checkpoint.stat()  # a retrained VQ-VAE has another size or time
-    reference = realism.reference(n, draws, seed, data_dir, [stamp.st_size, stamp.st_mtime_ns])
+    train_files = dataset.split_files(data_dir, "train")
+    reference = realism.reference(n, draws, seed, data_dir, [stamp.st_size, stamp.st_mtime_ns],
+                                  realism.data_stamp([real.images, test.images], train_files))
     try:
         previous = out.read_metrics().get("samples", {})
     except UserError:  # a damaged metrics.json: measure again (update_metrics keeps the damaged one aside)
@@ -330,7 +332,7 @@ def judged(run: Run, out: Run, config: run_state.Config, vqvae, prior, generated
     known, known_copy = realism.previous_references(previous, reference)
     results, real_images, samples, at_depths = realism.judge_samples(
         generated, real, test, n, draws, seed, known, depths, vqvae, prior.layout_levels, args.realism_diagnostics)
-    train_images = dataset.load_images(dataset.split_files(data_dir, "train"), config.image_size)
+    train_images = dataset.load_images(train_files, config.image_size)
     every_sample, every_real = np.concatenate(samples), np.concatenate(real_images)
     section = {"c2st": results, "c2st_reference": reference,
                "nearest_train_ssim": realism.copy_check(samples[0], real_images[0], train_images, known_copy),

@@ -4,6 +4,9 @@ tell generated slices from real ones, with intervals over subjects; and how pred
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import keras
 import numpy as np
 from keras import layers
@@ -237,10 +240,22 @@ def report(judged: dict, test: dataset.Split, seed: int, known: dict) -> dict:
     return results
 
 
-def reference(n: int, draws: int, seed: int, data_dir: str, vqvae_stamp: list) -> dict:
-    """What the references (real vs real, reconstructions, the real side of the copy check) depend on: the data,
-    the VQ-VAE and the judge. Another of any of these: they are measured anew."""
-    return {"n": n, "draws": draws, "seed": seed, "data_dir": str(data_dir), "vqvae": vqvae_stamp,
+def data_stamp(held_out: list[np.ndarray], train_files: list[str]) -> str:
+    """A fingerprint of what the references read: the held-out images themselves and the training files' names and
+    sizes (the copy check's pool), so that a data folder rebuilt in place is noticed."""
+    digest = hashlib.sha256()
+    for images in held_out:
+        digest.update(np.ascontiguousarray(images).tobytes())
+    for path in train_files:
+        digest.update(f"{Path(path).name} {Path(path).stat().st_size}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def reference(n: int, draws: int, seed: int, data_dir: str, vqvae_stamp: list, data: str = "") -> dict:
+    """What the references (real vs real, reconstructions, the real side of the copy check) depend on: the data
+    (its folder and `data`, its data_stamp), the VQ-VAE and the judge. Another of any of these: they are measured
+    anew."""
+    return {"n": n, "draws": draws, "seed": seed, "data_dir": str(data_dir), "data": data, "vqvae": vqvae_stamp,
             "judge": {"channels": list(JUDGE_CHANNELS), "folds": C2ST_FOLDS, "epochs": C2ST_EPOCHS,
                       "size": C2ST_SIZE, "input": "8-bit"}}
 

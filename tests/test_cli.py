@@ -140,6 +140,31 @@ def test_the_realism_references_are_measured_once_per_vqvae(tiny_run, predicted,
     assert again["nearest_train_ssim"]["real"] == first["nearest_train_ssim"]["real"]
 
 
+def test_a_data_folder_rebuilt_in_place_has_its_realism_references_measured_again(tiny_run, demo_dir, tmp_path,
+                                                                                    capsys):
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    args = ["--run", str(tiny_run), "--data-dir", str(data), "--num-samples", "2", "--out", str(tmp_path / "out")]
+    assert predict.main(args) == 0 and predict.main(args) == 0
+    assert capsys.readouterr().out.count(", measured before)") == 1  # the same data: real vs real kept
+    test_file = sorted((data / "keras_png_slices_test").glob("*.png"))[5]
+    image = np.asarray(Image.open(test_file))
+    Image.fromarray(np.ascontiguousarray(image[:, ::-1])).save(test_file)  # same folder, same names, other slices
+    assert predict.main(args) == 0
+    assert ", measured before)" not in capsys.readouterr().out
+
+
+def test_the_data_stamp_sees_the_held_out_images_and_the_training_files(demo_dir):
+    images = np.zeros((2, 4, 4, 1), "float32")
+    files = dataset.split_files(demo_dir, "train")
+    stamp = realism.data_stamp([images, images], files)
+    assert realism.data_stamp([images.copy(), images], list(files)) == stamp
+    changed = images.copy()
+    changed[1, 2, 3] = 0.5
+    assert realism.data_stamp([images, changed], files) != stamp
+    assert realism.data_stamp([images, images], files[:-1]) != stamp
+
+
 def test_a_vqvae_saved_before_the_background_setting_decodes_with_the_runs_setting(tiny_run, tmp_path):
     run = Run(tmp_path / "old")
     shutil.copytree(tiny_run, run.path)
