@@ -185,17 +185,19 @@ def demo_files(root):
     return {p.relative_to(root): p.read_bytes() for p in sorted(Path(root).rglob("*.png"))}
 
 
-def test_demo_set_is_deterministic_oasis_shaped_and_keeps_subjects_in_one_split(demo_dir, tmp_path):
+def test_demo_set_is_deterministic_oasis_shaped_and_keeps_subjects_in_one_split(tmp_path):
+    demo_dir = dataset.make_demo(tmp_path / "demo", subjects=(2, 1, 1), seed=0, verbose=False)
     again = dataset.make_demo(tmp_path / "again", subjects=(2, 1, 1), seed=0, verbose=False)
     files = demo_files(demo_dir)
     assert files == demo_files(again)  # same seed, same bytes
     cases = {}
     for split, n in zip(dataset.SPLITS, (2, 1, 1)):
         names = [p.name for p in (demo_dir / f"keras_png_slices_{split}").glob("*.png")]
-        assert len(names) == n * dataset.DEMO_SLICES
+        per_subject = dataset.DEMO_SLICES if split == "train" else dataset.DEMO_HELD_OUT_SLICES
+        assert len(names) == n * per_subject
         assert all(re.fullmatch(r"case_\d{3}_slice_\d+\.nii\.png", name) for name in names)
         cases[split] = {name.split("_slice")[0] for name in names}
-        assert len(list((demo_dir / f"keras_png_slices_seg_{split}").glob("*.png"))) == n * dataset.DEMO_SLICES
+        assert len(list((demo_dir / f"keras_png_slices_seg_{split}").glob("*.png"))) == n * per_subject
     assert not (cases["train"] & cases["validate"]) and not (cases["train"] & cases["test"])
     assert not (cases["validate"] & cases["test"])
     images = dataset.load_images(dataset.split_files(demo_dir, "train"), 256)
@@ -205,6 +207,16 @@ def test_demo_set_is_deterministic_oasis_shaped_and_keeps_subjects_in_one_split(
     seg_values = {v for p in (demo_dir / "keras_png_slices_seg_test").glob("*.png")
                   for v in np.unique(np.asarray(Image.open(p)))}
     assert seg_values == {0, 85, 170, 255}
+    # a held-out subject keeps slices spread from its first to its last, so its depths span [0, 1] as in training
+    test_files = dataset.split_files(demo_dir, "test")
+    np.testing.assert_allclose(np.sort(dataset.slice_positions(test_files)),
+                               np.linspace(0, dataset.DEMO_SLICES - 1, dataset.DEMO_HELD_OUT_SLICES).round()
+                               / (dataset.DEMO_SLICES - 1), atol=1e-6)
+    # and those slices are the full subject's, byte for byte
+    full = dataset.make_demo(tmp_path / "full", subjects=(2, 1, 1), seed=0, verbose=False,
+                             held_out_slices=dataset.DEMO_SLICES)
+    for path in test_files:
+        assert Path(path).read_bytes() == (full / "keras_png_slices_test" / Path(path).name).read_bytes()
 
 
 def test_demo_differs_with_seed(tmp_path):
@@ -331,3 +343,10 @@ def test_a_subject_at_evenly_spread_depths_lowest_first(demo_dir):
     assert subject == subjects[0] and (subjects[pick] == subject).all() and len(set(pick)) == 8
     depths = split.positions[pick]
     assert depths[0] == 0 and depths[-1] == 1 and (np.diff(depths) > 0).all()
+
+
+@pytest.mark.parametrize("slices", [1, dataset.DEMO_SLICES + 1])
+def test_demo_builder_refuses_held_out_subjects_of_too_few_or_too_many_slices(tmp_path, slices):
+    with pytest.raises(UserError, match="held-out subjects need"):
+        dataset.make_demo(tmp_path / "demo", subjects=(1, 1, 1), verbose=False, held_out_slices=slices)
+    assert not (tmp_path / "demo").exists()
