@@ -414,10 +414,10 @@ def make_demo(out_dir: str | Path, subjects: tuple[int, int, int] = DEMO_SUBJECT
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} already exists and is not empty; remove it or pick another folder")
-    partial = out_dir.parent / f".{out_dir.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
     if not 2 <= held_out_slices <= DEMO_SLICES:
         raise UserError(f"held-out subjects need 2 to {DEMO_SLICES} slices, got {held_out_slices}")
+    partial = out_dir.parent / f".{out_dir.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
     kept = {"train": np.arange(DEMO_SLICES),
             **dict.fromkeys(SPLITS[1:], np.linspace(0, DEMO_SLICES - 1, held_out_slices).round().astype(int))}
     t1, labels = mni152_template()
@@ -431,9 +431,8 @@ def make_demo(out_dir: str | Path, subjects: tuple[int, int, int] = DEMO_SUBJECT
             case += 1
             images, segs = demo_subject(t1, labels, np.random.default_rng([seed, case]))
             for i in kept[split]:
-                image, seg = images[i], segs[i]
-                Image.fromarray(image).save(image_dir / f"case_{case:03d}_slice_{i}.nii.png")
-                Image.fromarray(seg).save(seg_dir / f"seg_{case:03d}_slice_{i}.nii.png")
+                Image.fromarray(images[i]).save(image_dir / f"case_{case:03d}_slice_{i}.nii.png")
+                Image.fromarray(segs[i]).save(seg_dir / f"seg_{case:03d}_slice_{i}.nii.png")
             if verbose and sys.stdout.isatty():  # a progress line in a terminal, not hundreds in a log file
                 print(f"\rdemo set: subject {case}/{sum(subjects)}", end="", flush=True)
     partial.replace(out_dir)

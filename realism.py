@@ -251,7 +251,7 @@ def data_stamp(held_out: list[np.ndarray], train_files: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def reference(n: int, draws: int, seed: int, data_dir: str, vqvae_stamp: list, data: str = "") -> dict:
+def reference(n: int, draws: int, seed: int, data_dir: str, vqvae_stamp: list, data: str) -> dict:
     """What the references (real vs real, reconstructions, the real side of the copy check) depend on: the data
     (its folder and `data`, its data_stamp), the VQ-VAE and the judge. Another of any of these: they are measured
     anew."""
