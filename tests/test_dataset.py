@@ -185,7 +185,8 @@ def demo_files(root):
     return {p.relative_to(root): p.read_bytes() for p in sorted(Path(root).rglob("*.png"))}
 
 
-def test_demo_set_is_deterministic_oasis_shaped_and_keeps_subjects_in_one_split(tmp_path):
+def test_demo_set_is_deterministic_oasis_shaped_and_keeps_subjects_in_one_split(demo_dir, tmp_path):
+    full = demo_dir  # the same subjects and seed, every slice of the held-out subjects kept
     demo_dir = dataset.make_demo(tmp_path / "demo", subjects=(2, 1, 1), seed=0, verbose=False)
     again = dataset.make_demo(tmp_path / "again", subjects=(2, 1, 1), seed=0, verbose=False)
     files = demo_files(demo_dir)
@@ -213,8 +214,6 @@ def test_demo_set_is_deterministic_oasis_shaped_and_keeps_subjects_in_one_split(
                                np.linspace(0, dataset.DEMO_SLICES - 1, dataset.DEMO_HELD_OUT_SLICES).round()
                                / (dataset.DEMO_SLICES - 1), atol=1e-6)
     # and those slices are the full subject's, byte for byte
-    full = dataset.make_demo(tmp_path / "full", subjects=(2, 1, 1), seed=0, verbose=False,
-                             held_out_slices=dataset.DEMO_SLICES)
     for path in test_files:
         assert Path(path).read_bytes() == (full / "keras_png_slices_test" / Path(path).name).read_bytes()
 
