@@ -127,9 +127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-realism", action="store_true",
                         help="skip the realism test and the tissue report (samples and figures only)")
     parser.add_argument("--realism-diagnostics", action="store_true",
-                        help="also judge the VQ-VAE's reconstructions of the real slices (what a perfect prior "
+                        help="also judge samples at depths drawn from training (not only at the real slices' "
+                             "depths), the VQ-VAE's reconstructions of the real slices (what a perfect prior "
                              "would reach; measured once per VQ-VAE) and, with a two-level prior, codes drawn given "
-                             "the real slices' own layouts (which level falls short): about 20 s more each")
+                             "the real slices' own layouts (which level falls short): about a minute more each")
     return parser.parse_args(argv)
 
 

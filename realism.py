@@ -21,6 +21,10 @@ JUDGE_CHANNELS = (8, 16, 32, 64)  # the judge's four strided convolutions
 C2ST_SIZE = 128  # the judge sees images at this size at most: at 64 px the samples' blotchy texture averages away
 C2ST_FOLDS = 3  # each image judged by a judge trained on the other two thirds: half the training of 5 folds
 C2ST_EPOCHS = 40  # at 20 the judge had not learned to look yet
+C2ST_JUDGES = 3  # each fold's verdict is the mean evidence of 3 judges drawn with other seeds: one judge's accuracy
+# on the same images moved by up to 0.2 with its seed, three judges' by about half that (docs/experiments.md)
+COPY_SHORTLIST = 16  # training slices nearest on thumbnails scored by SSIM per image: with 32, the mean moved by 0.002
+JUDGE_SEED_STRIDE = 1000  # a fold's judges are seeded seed + fold + 1000 j: apart from other folds' and draws'
 
 
 def realism_classifier(size: int):
@@ -59,11 +63,14 @@ def _fresh_judge(size: int):
 
 
 def c2st(first, second: np.ndarray, groups: tuple | None = None, folds: int = C2ST_FOLDS,
-         epochs: int = C2ST_EPOCHS, size: int = C2ST_SIZE, seed: int = 0) -> dict:
+         epochs: int = C2ST_EPOCHS, size: int = C2ST_SIZE, seed: int = 0, judges: int = C2ST_JUDGES) -> dict:
     """Classifier two-sample test (Lopez-Paz & Oquab 2017): can a small CNN tell images of `second` from images of
     `first`? Both sets are cut to the same size n and downsized to at most size x size; in k-fold cross-validation
     each image is judged by a classifier trained on the other folds. The accuracy is 0.5 when the sets cannot be
-    told apart and 1.0 when they always can.
+    told apart and 1.0 when they always can. judges: how many classifiers, drawn with different seeds, judge each
+    fold together (the mean of their logits): whether one small judge finds what tells the sets apart hangs on its
+    draw, and the bootstrap interval below cannot see that; "judges_alone" is the accuracy each fold's j-th judge
+    would have had alone, which shows how far one judge's verdict moves.
 
     first: one array, or a list of arrays, the draws (e.g. fresh samples each time). Each draw is judged against
     `second` with folds and judges of its own, and the accuracy is over every draw's judgments: one draw of 128
@@ -94,7 +101,7 @@ def c2st(first, second: np.ndarray, groups: tuple | None = None, folds: int = C2
     for draw, (images, ids) in enumerate(zip(draws, first_ids)):
         ids = [f"draw {draw} image {i}" for i in range(len(images))] if ids is None else ids  # new images each draw
         results.append(_judged((images, np.asarray(ids).astype(str)), second, folds, epochs, size,
-                               seed=seed + draw * folds))  # no two judges share a seed
+                               seed=seed + draw * folds, judges=judges))  # no two judges share a seed
     outcomes = [np.concatenate([r["correct"][s] for r in results]) for s in (0, 1)]
     ids = [np.unique(np.concatenate([r["labels"][s] for r in results]), return_inverse=True)[1] for s in (0, 1)]
     interval = cluster_bootstrap_interval(outcomes, ids, np.random.default_rng(seed))
@@ -102,14 +109,16 @@ def c2st(first, second: np.ndarray, groups: tuple | None = None, folds: int = C2
     return {"accuracy": float(judged.mean()), "ci95": interval,
             "p_value": float(stats.binom.sf(judged.sum() - 1, judged.size, 0.5)),
             "draws": [float(np.concatenate(r["correct"]).mean()) for r in results],
+            "judges_alone": [float(a) for a in np.mean([r["alone"] for r in results], axis=0)],
             "n_per_set": len(results[0]["correct"][0]), "folds": min(r["folds"] for r in results),
             "grouped": groups is not None and all(r["grouped"] for r in results),
             "groups_per_set": [int(i.max() + 1) for i in ids]}
 
 
-def _judged(first: tuple, second: tuple, folds: int, epochs: int, size: int, seed: int) -> dict:
-    """One draw of the C2ST: (images, group labels) of each set; whether each judged image was judged right, and
-    the group labels of the judged images (each image's own index where a set has fewer than 2 groups)."""
+def _judged(first: tuple, second: tuple, folds: int, epochs: int, size: int, seed: int, judges: int = 1) -> dict:
+    """One draw of the C2ST: (images, group labels) of each set; whether each judged image was judged right, the
+    group labels of the judged images (each image's own index where a set has fewer than 2 groups), and the accuracy
+    each of the `judges` judges of every fold would have had alone."""
     rng = np.random.default_rng(seed)
     n, size = min(len(first[0]), len(second[0])), min(size, first[0].shape[1])
     picks = [rng.permutation(len(images))[:n] for images, _ in (first, second)]
@@ -124,18 +133,24 @@ def _judged(first: tuple, second: tuple, folds: int, epochs: int, size: int, see
         ids = [np.arange(n), np.arange(n)]
     folds = min(folds, *(i.max() + 1 for i in ids))
     fold = np.concatenate([(rng.permutation(i.max() + 1) % folds)[i] for i in ids])  # a group's images share one
-    judged = np.zeros(2 * n, bool)
+    judged, alone = np.zeros(2 * n, bool), np.zeros((judges, 2 * n), bool)  # alone: each judge's own verdicts
     for k in range(folds):
-        keras.utils.set_random_seed(seed + k)
-        model = _fresh_judge(size)
         train, test = fold != k, fold == k
         ones = y[train].mean()  # folds of whole groups are not balanced: weigh the classes equal in training, or a
         weights = {0: 0.5 / (1 - ones), 1: 0.5 / ones}  # judge that sees no difference guesses the majority
-        passes = dataset.array_dataset(x[train], y[train], 32, shuffle=True, seed=seed + k, passes=epochs)
-        model.fit(passes, epochs=1, verbose=0, shuffle=False, class_weight=weights)  # `epochs` passes, each shuffled
-        logits = batched(lambda batch: model(batch, training=False), x[test])[:, 0]  # eager: no retracing per fold
-        judged[test] = (logits > 0) == (y[test] == 1)
-    return {"correct": (judged[:n], judged[n:]), "labels": labels, "grouped": bool(grouped), "folds": folds}
+        evidence = np.zeros(test.sum(), "float32")
+        for j in range(judges):  # the first judge's seed is what one judge alone had
+            judge_seed = seed + k + JUDGE_SEED_STRIDE * j
+            keras.utils.set_random_seed(judge_seed)
+            model = _fresh_judge(size)
+            passes = dataset.array_dataset(x[train], y[train], 32, shuffle=True, seed=judge_seed, passes=epochs)
+            model.fit(passes, epochs=1, verbose=0, shuffle=False, class_weight=weights)  # `epochs` passes, shuffled
+            logits = batched(lambda batch: model(batch, training=False), x[test])[:, 0]  # eager: no retracing
+            alone[j, test] = (logits > 0) == (y[test] == 1)
+            evidence += logits
+        judged[test] = (evidence > 0) == (y[test] == 1)
+    return {"correct": (judged[:n], judged[n:]), "labels": labels, "grouped": bool(grouped), "folds": folds,
+            "alone": alone.mean(axis=1)}
 
 
 def as_8_bit(images: np.ndarray) -> np.ndarray:
@@ -187,10 +202,12 @@ def judge_samples(generated, real: dataset.Split, test: dataset.Split, n: int, d
                   known: dict, depths=None, vqvae=None, layout_levels: int = 0, diagnostics: bool = False) -> tuple:
     """The C2ST of samples against the real test slices, beside real validation slices (the ideal), over `draws`
     draws of n. generated(n, positions, stream, layouts) -> decoded samples; depths.draw(n) -> depths to sample at
-    (None: an unconditioned prior). `known`: results measured before (real vs real, reconstructions), not measured
-    again. diagnostics: also the VQ-VAE's reconstructions (`vqvae`) and, with two levels, codes given real layouts.
-    Returns (results by set, the real slices judged (one array per draw), the first draw's samples, and the samples
-    at the real slices' depths with those depths (all draws together; None without depths))."""
+    (None: an unconditioned prior). The samples judged are drawn at the judged real slices' depths where both the
+    prior and the slices have depths, else at depths drawn from training (or none). `known`: results measured
+    before (real vs real, reconstructions), not measured again. diagnostics: also samples at depths drawn from
+    training, the VQ-VAE's reconstructions (`vqvae`) and, with two levels, codes given real layouts.
+    Returns (results by set, the real slices judged (one array per draw), the judged samples (one array per draw),
+    and the samples at the real slices' depths with those depths (all draws together; None without depths))."""
     picks = [np.random.default_rng([seed, r]).permutation(len(real.images))[:n] for r in range(draws)]
     subjects = real.subjects()
     real_images, real_subjects = [real.images[p] for p in picks], [subjects[p] for p in picks]
@@ -202,18 +219,20 @@ def judge_samples(generated, real: dataset.Split, test: dataset.Split, n: int, d
                            layouts=None if layouts is None else np.concatenate(layouts))
         return np.split(joined, draws)
 
-    samples = drawn(1, None if depths is None else [depths.draw(n) for _ in range(draws)])
-    judged = {"samples_vs_real": (samples, None)}  # independent draws: each its own group
+    real_depths = [real.positions[p] for p in picks] if depths is not None and real.positions is not None else None
+    judged, at_depths = {}, None  # samples: independent draws, each its own group
+    if real_depths is not None:  # the test: as many samples as real slices, at the same depths
+        judged["samples_at_real_depths_vs_real"] = (drawn(2, real_depths), None)
+        at_depths = np.concatenate(judged["samples_at_real_depths_vs_real"][0]), np.concatenate(real_depths)
+    if real_depths is None or diagnostics:  # without depths to match (or also): depths drawn from training, if any
+        judged["samples_vs_real"] = (drawn(1, None if depths is None else [depths.draw(n) for _ in range(draws)]),
+                                     None)
+    samples = next(iter(judged.values()))[0]
     if "real_vs_real" not in known:  # a subject's slices share a fold (c2st)
         judged["real_vs_real"] = (real_images, real_subjects)
     if diagnostics and "reconstructions_vs_real" not in known:
         judged["reconstructions_vs_real"] = ([reconstruct(vqvae, images)[0] for images in real_images],
                                              real_subjects)
-    real_depths = [real.positions[p] for p in picks] if depths is not None and real.positions is not None else None
-    at_depths = None
-    if real_depths is not None:
-        judged["samples_at_real_depths_vs_real"] = (drawn(2, real_depths), None)
-        at_depths = np.concatenate(judged["samples_at_real_depths_vs_real"][0]), np.concatenate(real_depths)
     if diagnostics and layout_levels:  # which level falls short: codes given real layouts
         layouts = [code_layouts(vqvae, batched(vqvae.encode, images), layout_levels) for images in real_images]
         judged["samples_given_real_layouts_vs_real"] = (drawn(3, real_depths, layouts), None)
@@ -225,7 +244,8 @@ def report(judged: dict, test: dataset.Split, seed: int, known: dict) -> dict:
     the `known` results measured before, printed as a table."""
     size = min(C2ST_SIZE, test.images.shape[1])
     print(f"realism: can a small CNN tell these from real test slices? (classifier two-sample test, "
-          f"{C2ST_FOLDS}-fold, at {size} px; 0.5 = indistinguishable, 1.0 = always told apart)")
+          f"{C2ST_FOLDS}-fold, {C2ST_JUDGES} judges a fold, at {size} px; 0.5 = indistinguishable, 1.0 = always "
+          "told apart)")
     results, test_subjects = dict(known), test.subjects()
     for name, (draws, subjects) in judged.items():
         results[name] = c2st(draws, test.images, groups=(subjects, test_subjects), seed=seed)
@@ -234,6 +254,8 @@ def report(judged: dict, test: dataset.Split, seed: int, known: dict) -> dict:
             result = results[name]
             low, high = result["ci95"]
             each = f"draws {' '.join(f'{a:.2f}' for a in result['draws'])}; " if len(result["draws"]) > 1 else ""
+            alone = result.get("judges_alone", [])  # older metrics.json have none
+            each += f"judges alone {' '.join(f'{a:.2f}' for a in alone)}; " if len(alone) > 1 else ""
             p = f", p {result['p_value']:.2g}" if "p_value" in result else ""  # older metrics.json have none
             print(f"{LABELS[name]:>46}  accuracy {result['accuracy']:.3f}  [{low:.3f}, {high:.3f}]  ({each}"
                   f"{result['n_per_set']} per set{p}{', measured before' if name in known else ''})")
@@ -257,7 +279,8 @@ def reference(n: int, draws: int, seed: int, data_dir: str, vqvae_stamp: list, d
     anew."""
     return {"n": n, "draws": draws, "seed": seed, "data_dir": str(data_dir), "data": data, "vqvae": vqvae_stamp,
             "judge": {"channels": list(JUDGE_CHANNELS), "folds": C2ST_FOLDS, "epochs": C2ST_EPOCHS,
-                      "size": C2ST_SIZE, "input": "8-bit"}}
+                      "judges": C2ST_JUDGES, "size": C2ST_SIZE, "input": "8-bit"},
+            "copy_shortlist": COPY_SHORTLIST}
 
 
 def previous_references(previous: dict, reference: dict) -> tuple[dict, dict | None]:
@@ -273,8 +296,8 @@ def previous_references(previous: dict, reference: dict) -> tuple[dict, dict | N
 def copy_check(samples: np.ndarray, real: np.ndarray, train_images: np.ndarray, known_real: dict | None = None) -> dict:
     """Nearest-training-slice SSIM of samples and of real held-out slices (`known_real` if measured before):
     samples are copies if theirs is higher."""
-    result = {"samples": summarize(nearest_ssim(samples, train_images)),
-              "real": known_real or summarize(nearest_ssim(real, train_images))}
+    result = {"samples": summarize(nearest_ssim(samples, train_images, COPY_SHORTLIST)),
+              "real": known_real or summarize(nearest_ssim(real, train_images, COPY_SHORTLIST))}
     verdict = "not copies" if result["samples"]["mean"] < result["real"]["mean"] else "closer to training slices " \
         "than real held-out slices are: possibly copies"
     print(f"copy check, mean SSIM to the nearest training slice: samples {result['samples']['mean']:.3f}, real "

@@ -7,8 +7,8 @@ this script only reads their metrics.json (no TensorFlow) and draws the curve.
 
 Per run: the prior's epochs, training minutes (as measured: read them as comparable only for runs trained alone on
 one machine) and validation NLL, the realism test (C2ST accuracy with its 95% interval,
-samples at validation depths and at training depths, and real vs real), and the tissue report's three errors as
-multiples of their real-vs-real floor (issue 25's target: at most 2x). The last line is JSON.
+samples at validation depths, at training depths where measured, and real vs real), and the tissue report's three
+errors as multiples of their real-vs-real floor (issue 25's target: at most 2x). The last line is JSON.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import utils
 from utils import UserError
 
 TISSUE_ERRORS = ("tissue_fraction_error", "tissue_map_error", "shape_error")
-C2ST_SETS = {"samples_vs_real": "samples", "samples_at_real_depths_vs_real": "samples at validation depths",
+C2ST_SETS = {"samples_at_real_depths_vs_real": "samples at validation depths",  # predict.py's test
+             "samples_vs_real": "samples, depths from training",  # runs evaluated before 2026-12-07, or diagnostics
              "real_vs_real": "real vs real"}
 
 
@@ -49,7 +50,8 @@ def point(run_path: str) -> dict:
             "val_bits_per_code": round(prior["val_bits_per_code"], 4),
             "train_bits_per_code": round(prior["train_bits_per_code"], 4),
             "c2st": {key: {"accuracy": round(samples["c2st"][key]["accuracy"], 4),
-                           "ci95": [round(x, 4) for x in samples["c2st"][key]["ci95"]]} for key in C2ST_SETS},
+                           "ci95": [round(x, 4) for x in samples["c2st"][key]["ci95"]]}
+                     for key in C2ST_SETS if key in samples["c2st"]},
             "tissue_x_floor": {key: round(anatomy[key] / anatomy["floor"][key], 3) for key in TISSUE_ERRORS},
             "copy_check": {"samples": round(samples["nearest_train_ssim"]["samples"]["mean"], 4),
                            "real": round(samples["nearest_train_ssim"]["real"]["mean"], 4)}}
@@ -62,10 +64,13 @@ def draw(points: list[dict], path: Path) -> None:
     epochs = [p["prior_epochs"] for p in points]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for key, label in C2ST_SETS.items():
-        accuracy = np.array([p["c2st"][key]["accuracy"] for p in points])
-        low, high = (np.array([p["c2st"][key]["ci95"][i] for p in points]) for i in (0, 1))
-        axes[0].errorbar(epochs, accuracy, yerr=[accuracy - low, high - accuracy], marker="o", capsize=3,
-                         label=label)
+        judged = [p for p in points if key in p["c2st"]]
+        if not judged:
+            continue
+        accuracy = np.array([p["c2st"][key]["accuracy"] for p in judged])
+        low, high = (np.array([p["c2st"][key]["ci95"][i] for p in judged]) for i in (0, 1))
+        axes[0].errorbar([p["prior_epochs"] for p in judged], accuracy, yerr=[accuracy - low, high - accuracy],
+                         marker="o", capsize=3, label=label)
     axes[0].axhline(0.5, color="gray", linestyle="--", linewidth=1)
     axes[0].axhline(0.65, color="red", linestyle=":", linewidth=1, label="target (samples)")
     axes[0].set(ylabel="C2ST accuracy (0.5: indistinguishable)", title="realism test")
@@ -97,14 +102,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(_argv) -> None:
         points = sorted((point(run) for run in args.runs), key=lambda p: p["prior_epochs"])
-        print(f"{'run':<14}{'epochs':>7}{'minutes':>9}{'val NLL':>9}{'samples C2ST':>24}{'at val depths':>24}"
+        print(f"{'run':<14}{'epochs':>7}{'minutes':>9}{'val NLL':>9}{'samples C2ST':>24}{'training depths':>24}"
               f"{'real vs real':>24}   tissue fraction/map/shape x floor")
-        interval = lambda c: f"{c['accuracy']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]"
+        interval = lambda c: f"{c['accuracy']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]" if c else "-"
         for p in points:
             c, t = p["c2st"], p["tissue_x_floor"]
             print(f"{Path(p['run']).name:<14}{p['prior_epochs']:>7}{p['prior_minutes']:>9.1f}"
-                  f"{p['val_bits_per_code']:>9.3f}{interval(c['samples_vs_real']):>24}"
-                  f"{interval(c['samples_at_real_depths_vs_real']):>24}{interval(c['real_vs_real']):>24}   "
+                  f"{p['val_bits_per_code']:>9.3f}" + "".join(f"{interval(c.get(key)):>24}" for key in C2ST_SETS)
+                  + "   "
                   + " / ".join(f"{t[key]:.2f}" for key in TISSUE_ERRORS))
         if args.out:
             draw(points, args.out)

@@ -83,10 +83,10 @@ def test_the_oasis_budget_prior_sees_every_grid_moved_by_minus_s_0_or_plus_s_cod
     assert len(moves) == 9  # every move occurs
 
 
-def fake_evaluated_run(folder: Path, epochs: int, seconds: float, accuracy: float, shape_error: float) -> Path:
+def fake_evaluated_run(folder: Path, epochs: int, seconds: float, accuracy: float, shape_error: float,
+                       judged=("samples_vs_real", "samples_at_real_depths_vs_real", "real_vs_real")) -> Path:
     """A run folder holding only the metrics.json sections prior_curve reads."""
-    c2st = {key: {"accuracy": accuracy, "ci95": [accuracy - 0.05, accuracy + 0.05]}
-            for key in ("samples_vs_real", "samples_at_real_depths_vs_real", "real_vs_real")}
+    c2st = {key: {"accuracy": accuracy, "ci95": [accuracy - 0.05, accuracy + 0.05]} for key in judged}
     anatomy = {"tissue_fraction_error": 0.02, "tissue_map_error": 0.09, "shape_error": shape_error,
                "floor": {"tissue_fraction_error": 0.01, "tissue_map_error": 0.09, "shape_error": 0.1}}
     folder.mkdir()
@@ -100,12 +100,14 @@ def fake_evaluated_run(folder: Path, epochs: int, seconds: float, accuracy: floa
 
 def test_the_prior_curve_puts_runs_in_order_of_training_epochs_with_errors_over_their_floors(tmp_path):
     long = fake_evaluated_run(tmp_path / "long", 32, 960.0, 0.55, 0.15)
-    short = fake_evaluated_run(tmp_path / "short", 8, 240.0, 0.7, 0.3)
+    short = fake_evaluated_run(tmp_path / "short", 8, 240.0, 0.7, 0.3,  # predict.py's sets since 2026-12-07
+                               judged=("samples_at_real_depths_vs_real", "real_vs_real"))
     figures = benchmark("prior_curve", str(long), str(short), "--out", str(tmp_path / "curve.png"))
     assert [p["prior_epochs"] for p in figures["points"]] == [8, 32] and figures["points"][0]["prior_minutes"] == 4
     assert figures["points"][0]["tissue_x_floor"] == {"tissue_fraction_error": 2.0, "tissue_map_error": 1.0,
                                                       "shape_error": 3.0}
     assert figures["points"][1]["c2st"]["samples_vs_real"]["accuracy"] == 0.55 and (tmp_path / "curve.png").exists()
+    assert set(figures["points"][0]["c2st"]) == {"samples_at_real_depths_vs_real", "real_vs_real"}
     done = subprocess.run([sys.executable, "-m", "benchmarks.prior_curve", str(tmp_path / "missing")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().startswith("error:") and "missing" in done.stderr

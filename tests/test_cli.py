@@ -103,7 +103,8 @@ def test_predict_rebuilds_from_the_run_folder_reports_baselines_and_generates(ti
     for result in gen["c2st"].values():
         assert result["n_per_set"] == 32 and 0 <= result["ci95"][0] <= result["accuracy"] <= result["ci95"][1] <= 1
         assert len(result["draws"]) == 2 and result["accuracy"] == pytest.approx(np.mean(result["draws"]))
-    assert "realism: can a small CNN tell these from real test slices?" in out
+        assert len(result["judges_alone"]) == realism.C2ST_JUDGES  # how far one judge alone would have moved
+    assert "realism: can a small CNN tell these from real test slices?" in out and "judges alone" in out
     for key in ["samples", "real"]:
         assert -1 <= gen["nearest_train_ssim"][key]["min"] <= gen["nearest_train_ssim"][key]["mean"] <= 1
         assert 0 <= gen["brain_fraction"][key]["mean"] < 1
@@ -130,7 +131,7 @@ def test_the_realism_references_are_measured_once_per_vqvae(tiny_run, predicted,
     first = predicted[1]["samples"]
     measured = []
     nearest_ssim = realism.nearest_ssim
-    monkeypatch.setattr(realism, "nearest_ssim", lambda q, p: measured.append(len(q)) or nearest_ssim(q, p))
+    monkeypatch.setattr(realism, "nearest_ssim", lambda q, p, k: measured.append(len(q)) or nearest_ssim(q, p, k))
     assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5", "--realism-draws", "2"]) == 0
     assert capsys.readouterr().out.count(", measured before)") == 2  # real vs real, and the reconstructions
     again = json.loads((tiny_run / "metrics.json").read_text())["samples"]
@@ -289,7 +290,10 @@ def test_resume_trains_the_prior_of_a_run_whose_vqvae_is_trained(tiny_run, tmp_p
     metrics = json.loads((run / "metrics.json").read_text())["prior"]
     assert 0 < metrics["val_bits_per_code"] < 2 * np.log2(16)  # the codes' NLL, layout included
     assert predict.main(["--run", str(run), "--num-samples", "2", "--realism-draws", "1"]) == 0
-    assert "samples given validation layouts" not in capsys.readouterr().out  # a diagnostic, asked for
+    out = capsys.readouterr().out  # the test: samples at the real slices' depths; the rest are diagnostics
+    assert "samples given validation layouts" not in out and "depths drawn from training" not in out
+    judged = json.loads((run / "metrics.json").read_text())["samples"]["c2st"]
+    assert "samples_at_real_depths_vs_real" in judged and "samples_vs_real" not in judged
     assert predict.main(["--run", str(run), "--num-samples", "2", "--realism-draws", "1",
                          "--realism-diagnostics"]) == 0
     out = capsys.readouterr().out
@@ -372,7 +376,7 @@ def test_a_run_folder_written_by_the_previous_layout_still_predicts(demo_dir, tm
     assert predict.main(["--run", str(run), "--data-dir", str(demo_dir), "--num-samples", "2",
                          "--realism-samples", "8", "--realism-draws", "1"]) == 0
     out = capsys.readouterr().out
-    assert "samples, depths drawn from training" in out and "prior NLL on the test split" in out
+    assert "samples at the validation depths" in out and "prior NLL on the test split" in out
     assert {"reconstruction", "samples", "vqvae", "prior"} <= set(json.loads((run / "metrics.json").read_text()))
 
 

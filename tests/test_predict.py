@@ -1,6 +1,7 @@
 """predict.py's pieces: seeded, temperature-controlled sampling; and the metrics (utils.py) that judge
 reconstructions and samples, each against an independent computation."""
 
+import keras
 import numpy as np
 import pytest
 
@@ -147,6 +148,25 @@ def test_a_reused_judge_judges_as_a_new_one():
     assert 16 in realism._JUDGES
     realism.c2st(second, first, epochs=4, size=16, seed=9)  # trains it on something else
     assert realism.c2st(first, second, epochs=4, size=16, seed=3) == new
+
+
+def test_each_fold_is_judged_by_several_judges_the_first_seeded_as_a_judge_alone(monkeypatch):
+    """judges=J draws J judges per fold, the first with the seed a judge alone would have (so judges=1 is the test
+    of before), the others apart from every other fold's and draw's: one judge's verdict hangs on its draw."""
+    rng = np.random.default_rng(0)
+    first = rng.random((24, 16, 16, 1)).astype("float32")
+    second = np.clip(first[::-1] + rng.normal(0, 0.3, first.shape), 0, 1).astype("float32")
+    seeds, set_seed = [], keras.utils.set_random_seed
+    monkeypatch.setattr(keras.utils, "set_random_seed", lambda seed: seeds.append(seed) or set_seed(seed))
+    one = realism.c2st(first, second, folds=2, epochs=3, size=16, seed=4, judges=1)
+    assert seeds == [4, 5]
+    seeds.clear()
+    three = realism.c2st([first, first], second, folds=2, epochs=3, size=16, seed=4, judges=3)
+    assert seeds == [4, 1004, 2004, 5, 1005, 2005, 6, 1006, 2006, 7, 1007, 2007]  # two draws of two folds
+    assert realism.c2st([first, first], second, folds=2, epochs=3, size=16, seed=4, judges=3) == three
+    assert one["n_per_set"] == three["n_per_set"] == 24
+    assert one["judges_alone"] == [one["accuracy"]]  # one judge: its verdicts are the test's
+    assert len(three["judges_alone"]) == 3 and all(0 <= a <= 1 for a in three["judges_alone"])
 
 
 def test_cluster_bootstrap_interval_widens_with_fewer_groups():
