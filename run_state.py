@@ -55,6 +55,10 @@ class Config:
     # VQ-VAE training
     batch_size: int = setting(128, "the seed's batch size; fits a 24 GB GPU at 256 px")
     epochs: int = setting(30, "passes over the training split")
+    sharpen_epochs: int = setting(0, "the last N of --epochs train the decoder alone (codes frozen) with MSE + "
+                                     "--spectral-loss: sharper reconstructions, the same codes; 0: off")
+    spectral_loss: float = setting(0.0, "weight of the log-FFT-amplitude term (modules.SpectralMSE) in the "
+                                        "sharpening epochs")
     learning_rate: float = setting(2e-4, "Adam's initial rate, decayed by a cosine to 5% of it (paper: 2e-4)")
     seed: int = setting(42, "the one seed: data order, initial weights, codebook restarts, sampling")
     # PixelCNN prior (van den Oord et al. 2016), trained on the VQ-VAE's codes of the training split
@@ -145,6 +149,11 @@ class Config:
             raise UserError(f"--background must be at least 0 and below 1, got {self.background}")
         if not self.commitment_cost >= 0:
             raise UserError(f"--commitment-cost must be 0 or more, got {self.commitment_cost}")
+        if not self.spectral_loss >= 0:
+            raise UserError(f"--spectral-loss must be 0 or more, got {self.spectral_loss}")
+        if not 0 <= self.sharpen_epochs < self.epochs:
+            raise UserError(f"--sharpen-epochs must be 0 or more and below --epochs ({self.epochs}), got "
+                            f"{self.sharpen_epochs}: the epochs before it train the whole VQ-VAE")
 
     def vqvae_kwargs(self) -> dict:
         """The arguments of modules.VQVAE, taken from this config."""

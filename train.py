@@ -333,12 +333,13 @@ def train_vqvae(run: Run, config: Config, hardware: Hardware, data: dict | None,
     steps_per_epoch = hardware.cluster.steps(data["num_train"], config.batch_size)
     model = stage_model(stage, config.epochs, hardware, config.seed,
                         lambda dtype, jit: modules.new_vqvae(config, steps_per_epoch, dtype, jit))
+    sharpening = bool(config.sharpen_epochs)
     floors = {name: float(np.mean(utils.ssim(data["val_images"], images)))
               for name, images in utils.floor_images(data["val_images"], config.downsample).items()}
     curves = CurveWriter(stage, [
         (run.figure("ssim"), {"train_ssim": "train (sample)", "val_ssim": "validation"}, "mean SSIM",
          "VQ-VAE reconstruction SSIM", floors),
-        (run.figure("losses"), {"loss": "train total (MSE + VQ)", "mse": "train MSE", "val_mse": "validation MSE"},
+        (run.figure("losses"), {"loss": "train total (MSE + VQ" + " + spectral, last epochs" * sharpening + ")", "mse": "train MSE", "val_mse": "validation MSE"},
          "loss", "VQ-VAE losses", None)])
     callbacks = [StopOnDivergence(stage, "--learning-rate", config.learning_rate),
                  RestartUnusedCodes(data["train_sample"], config.seed),
@@ -346,8 +347,17 @@ def train_vqvae(run: Run, config: Config, hardware: Hardware, data: dict | None,
                  Checkpoint(stage)]
     print(f"VQ-VAE: {model.count_params():,} parameters, code grid {config.grid_size}x{config.grid_size}, "
           f"K={config.num_embeddings}, D={config.embedding_dim}")
-    model.fit(hardware.distribute(data["train"]), initial_epoch=stage.epochs_done, epochs=config.epochs,
+    whole = config.epochs - config.sharpen_epochs  # epochs that train the whole VQ-VAE
+    model.fit(hardware.distribute(data["train"]), initial_epoch=stage.epochs_done, epochs=whole,
               callbacks=callbacks, verbose=fit_verbosity(), shuffle=False)  # the dataset shuffles itself
+    if sharpening:
+        print(f"sharpening the decoder: epochs {whole + 1}-{config.epochs} train it alone (codes frozen) with MSE + "
+              f"{config.spectral_loss:g} x the log-FFT-amplitude loss")
+        with hardware.strategy.scope():
+            modules.compile_for_sharpening(model, config, hardware.jit_compile)
+        model.fit(hardware.distribute(data["train"]), initial_epoch=max(stage.epochs_done, whole),
+                  epochs=config.epochs, callbacks=[c for c in callbacks if not isinstance(c, RestartUnusedCodes)],
+                  verbose=fit_verbosity(), shuffle=False)
 
     history = curves.history
     val_recon, val_codes = utils.reconstruct(model, data["val_images"])

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,33 @@ def test_a_vqvae_saved_before_the_background_setting_decodes_with_the_runs_setti
     vqvae.save(run.stage("vqvae").checkpoint)
     assert run.stage("vqvae").load_model().background == 0.0
     assert run.load_vqvae().background == run.read_config().background == 0.02
+
+
+def test_the_sharpening_epochs_train_the_decoder_alone_and_keep_the_codes(demo_dir, tmp_path, capsys):
+    def vqvae(name, *extra):
+        args = ["--data-dir", str(demo_dir), "--runs-dir", str(tmp_path), "--name", name, *TINY, "--stage", "vqvae",
+                "--learning-rate", "1e-2", *extra]
+        assert train.main(args) == 0
+        return Run.open(tmp_path / name).load_vqvae()
+
+    plain = vqvae("plain", "--epochs", "2")
+    sharpened = vqvae("sharpened", "--epochs", "4", "--sharpen-epochs", "2", "--spectral-loss", "0.5")
+    assert "epochs 3-4 train it alone" in capsys.readouterr().out
+    # the same seed and the same two whole-model epochs (the cosine spans those), then the decoder alone
+    for part in ("encoder", "quantizer"):
+        for before, after in zip(getattr(plain, part).get_weights(), getattr(sharpened, part).get_weights()):
+            np.testing.assert_array_equal(after, before)
+    moved = [np.abs(a - b).max() for a, b in zip(plain.decoder.get_weights(), sharpened.decoder.get_weights())]
+    assert min(moved) > 1e-6
+    stage = Run.open(tmp_path / "sharpened").stage("vqvae")
+    assert len(stage.read_history()["seconds"]) == 4
+    with warnings.catch_warnings():  # its optimizer state fits the decoder's weights: a resumed run keeps it
+        warnings.simplefilter("error")
+        checkpoint = stage.load_model()
+    assert checkpoint.codes_frozen and checkpoint.loss.weight == 0.5 and not checkpoint.encoder.trainable
+    assert train.main(["--data-dir", str(demo_dir), "--runs-dir", str(tmp_path), "--name", "bad", *TINY,
+                       "--epochs", "2", "--sharpen-epochs", "2"]) == 2
+    assert "--sharpen-epochs must be 0 or more and below --epochs (2)" in capsys.readouterr().err
 
 
 def test_same_seed_same_samples(tiny_run, tmp_path):

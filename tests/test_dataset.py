@@ -169,6 +169,7 @@ def test_train_cli_reports_bad_data_in_one_line_with_exit_2_and_creates_no_run(t
     (["--batch-size", "-1"], "--batch-size must be a positive integer"),
     (["--image-size", "30", "--downsample", "4"], "not divisible by --downsample"),
     (["--prior-attention-layers", "-1"], "--prior-attention-layers must be 0 or more"),
+    (["--spectral-loss", "-0.1"], "--spectral-loss must be 0 or more"),
     (["--prior-layout-levels", "1"], "--prior-layout-levels must be 0 (one level) or at least 2"),
     (["--prior-condition-dropout", "1"], "--prior-condition-dropout must be at least 0 and below 1"),
     (["--prior-layout-levels", "4", "--image-size", "36"], "needs an even code grid"),

@@ -141,6 +141,33 @@ def test_keras_file_round_trip_gives_identical_outputs(tmp_path):
     np.testing.assert_array_equal(np.asarray(loaded.encode(x)), np.asarray(model.encode(x)))
 
 
+def test_spectral_loss_is_mse_plus_the_weighted_log_fft_amplitude_gap_as_numpy_computes_it():
+    rng = np.random.default_rng(0)
+    real, decoded = rng.random((2, 3, 16, 16, 1)).astype("float32")
+    mse = ((decoded - real) ** 2).mean()
+    log_amplitude = [np.log1p(np.abs(np.fft.fft2(x[..., 0]))) for x in (real, decoded)]
+    gap = np.abs(log_amplitude[1] - log_amplitude[0]).mean()
+    assert gap > 0.1
+    np.testing.assert_allclose(float(modules.SpectralMSE(0.0)(real, decoded)), mse, rtol=1e-5)
+    np.testing.assert_allclose(float(modules.SpectralMSE(0.3)(real, decoded)), mse + 0.3 * gap, rtol=1e-4)
+    assert float(modules.SpectralMSE(0.3)(real, real)) < 1e-6
+    (grad,) = gradients(lambda x: modules.SpectralMSE(0.3)(real, x), ops.zeros_like(real))  # |FFT| = 0 everywhere
+    assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).max() > 0
+    with pytest.raises(ValueError, match="weight must be 0 or more"):
+        modules.SpectralMSE(-1.0)
+
+
+def test_a_vqvae_compiled_with_the_spectral_loss_reloads_with_it(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = VQVAE(downsample=4, num_embeddings=8, embedding_dim=4, hidden_channels=8, num_res_blocks=1)
+    x = np.random.default_rng(0).random((4, 16, 16, 1)).astype("float32")
+    model.compile(optimizer="adam", loss=modules.SpectralMSE(0.25))
+    model.fit(x, x, epochs=1, verbose=0)
+    model.save(tmp_path / "vqvae.keras")
+    loaded = keras.saving.load_model(tmp_path / "vqvae.keras")  # how a resumed run continues training
+    assert isinstance(loaded.loss, modules.SpectralMSE) and loaded.loss.weight == 0.25
+
+
 def test_decode_sets_the_background_to_exactly_zero_and_keeps_the_rest():
     keras.utils.set_random_seed(0)
     kwargs = dict(downsample=2, num_embeddings=8, embedding_dim=4, hidden_channels=8, num_res_blocks=1)
