@@ -199,6 +199,14 @@ def test_the_sharpening_epochs_train_the_decoder_alone_and_keep_the_codes(demo_d
         warnings.simplefilter("error")
         checkpoint = stage.load_model()
     assert checkpoint.codes_frozen and checkpoint.loss.weight == 0.5 and not checkpoint.encoder.trainable
+    # stopped after the first sharpening epoch (its checkpoint stands in for that epoch's): resumes sharpening
+    Run.open(tmp_path / "sharpened")._update_progress("vqvae", epochs_done=3, finished=False)
+    assert train.main(["--resume", str(tmp_path / "sharpened"), "--stage", "vqvae"]) == 0
+    assert "resuming the VQ-VAE after epoch 3 of 4" in capsys.readouterr().out
+    resumed = Run.open(tmp_path / "sharpened").load_vqvae()
+    for before, after in zip(plain.encoder.get_weights(), resumed.encoder.get_weights()):
+        np.testing.assert_array_equal(after, before)
+    assert not np.array_equal(resumed.decoder.get_weights()[-1], sharpened.decoder.get_weights()[-1])
     assert train.main(["--data-dir", str(demo_dir), "--runs-dir", str(tmp_path), "--name", "bad", *TINY,
                        "--epochs", "2", "--sharpen-epochs", "2"]) == 2
     assert "--sharpen-epochs must be 0 or more and below --epochs (2)" in capsys.readouterr().err

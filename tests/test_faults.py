@@ -71,7 +71,8 @@ def test_a_signal_stops_training_in_seconds_with_one_line_and_the_run_resumes(ti
     wait_until(lambda: epochs_done(run, stage) >= 1, process)
     sent = time.time()
     process.send_signal(signal_number)
-    assert process.wait(timeout=60) == 128 + signal_number  # 130 for Ctrl-C, 143 for SIGTERM, as shells say
+    code = process.wait(timeout=60)
+    assert code == 128 + signal_number, (tmp_path / "err").read_text()[-3000:]  # 130 for Ctrl-C, 143 for SIGTERM
     assert time.time() - sent < 20
     err = one_line((tmp_path / "err").read_text())
     done = epochs_done(run, stage)
