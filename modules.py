@@ -925,7 +925,8 @@ class SpectralMSE(keras.losses.Loss):
     """Mean squared error + `weight` x the mean absolute difference of log(1 + |2-D FFT|) of the images: the
     amplitude spectrum's fine frequencies, which MSE lets a decoder leave out (its images come out soft, a tell a
     judge spots), weigh as much in log amplitude as the coarse ones. (N, H, W, 1) images -> (N,) losses.
-    Tudosiu et al. 2022 train their brain VQ-VAEs with such a spectral term; weight 0 is plain MSE."""
+    Brain VQ-VAEs with transformer priors (Tudosiu et al. 2022) train with a spectral term of this kind; weight 0
+    is plain MSE."""
 
     def __init__(self, weight: float = 0.0, **kwargs):
         super().__init__(**kwargs)
@@ -966,8 +967,9 @@ def compile_for_sharpening(model: VQVAE, config, jit_compile: bool = False) -> N
     """Sets a trained VQ-VAE up for its last `config.sharpen_epochs`: the decoder alone learns, with MSE +
     `config.spectral_loss` x SpectralMSE's spectral term, at the constant rate the cosine schedule ended at. The
     encoder and the codebook are frozen, so the codes (what the prior learns) stay those of the MSE epochs.
-    A VQ-VAE reloaded from a sharpening epoch's checkpoint is left as it is. Trained so from the first epoch the spectral term teaches the decoder noise with the right spectrum (on the
-    demo: validation SSIM 0.918, reconstructions told from real 100% of the time; docs/experiments.md)."""
+    A VQ-VAE reloaded from a sharpening epoch's checkpoint is left as it is. (Trained so from the first epoch,
+    the spectral term teaches the decoder noise with the right spectrum: on the demo validation SSIM 0.918 and
+    reconstructions told from real 100% of the time; docs/experiments.md.)"""
     if model.codes_frozen:
         return  # a checkpoint of the sharpening epochs: compiled so already, its optimizer state kept
     model.freeze_codes()
