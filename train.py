@@ -339,7 +339,8 @@ def train_vqvae(run: Run, config: Config, hardware: Hardware, data: dict | None,
     curves = CurveWriter(stage, [
         (run.figure("ssim"), {"train_ssim": "train (sample)", "val_ssim": "validation"}, "mean SSIM",
          "VQ-VAE reconstruction SSIM", floors),
-        (run.figure("losses"), {"loss": "train total (MSE + VQ" + " + spectral, last epochs" * sharpening + ")", "mse": "train MSE", "val_mse": "validation MSE"},
+        (run.figure("losses"), {"loss": "train total (MSE + VQ" + " + spectral, last epochs" * sharpening + ")",
+                                "mse": "train MSE", "val_mse": "validation MSE"},
          "loss", "VQ-VAE losses", None)])
     callbacks = [StopOnDivergence(stage, "--learning-rate", config.learning_rate),
                  RestartUnusedCodes(data["train_sample"], config.seed),
