@@ -957,7 +957,7 @@ def new_vqvae(config, steps_per_epoch: int, dtype: str = "float32", jit_compile:
     Call it inside a tf.distribute strategy's scope to train on several devices."""
     model = VQVAE(**config.vqvae_kwargs(), dtype=dtype)
     model.build((None, config.image_size, config.image_size, 1))
-    schedule = cosine_schedule(config.learning_rate, config.epochs - config.sharpen_epochs, steps_per_epoch)
+    schedule = cosine_schedule(config.learning_rate, config.whole_epochs, steps_per_epoch)
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss="mse",
                   metrics=[keras.metrics.MeanSquaredError(name="mse")], jit_compile=jit_compile)
     return model

@@ -174,6 +174,12 @@ class Config:
     def grid_size(self) -> int:
         return self.image_size // self.downsample
 
+    @property
+    def whole_epochs(self) -> int:
+        """The epochs that train the whole VQ-VAE, before the decoder's sharpening epochs (the learning rate's
+        cosine spans these)."""
+        return self.epochs - self.sharpen_epochs
+
 
 # The CPU demo: 128 px slices of the built-in demo set and small models, both stages in minutes on 2 cores.
 DEMO_PRESET = dict(

@@ -348,7 +348,7 @@ def train_vqvae(run: Run, config: Config, hardware: Hardware, data: dict | None,
                  Checkpoint(stage)]
     print(f"VQ-VAE: {model.count_params():,} parameters, code grid {config.grid_size}x{config.grid_size}, "
           f"K={config.num_embeddings}, D={config.embedding_dim}")
-    whole = config.epochs - config.sharpen_epochs  # epochs that train the whole VQ-VAE
+    whole = config.whole_epochs
     model.fit(hardware.distribute(data["train"]), initial_epoch=stage.epochs_done, epochs=whole,
               callbacks=callbacks, verbose=fit_verbosity(), shuffle=False)  # the dataset shuffles itself
     if sharpening:

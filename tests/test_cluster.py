@@ -177,8 +177,8 @@ def train_args(runs: Path, demo_dir, *extra) -> list[str]:
 def test_train_py_on_two_workers_trains_every_stage_and_only_the_chief_writes_the_run(backend, demo_dir, tmp_path):
     runs, audit = tmp_path / "runs", tmp_path / "worker_1_writes.txt"
 
-    def args_of(index):
-        args = train_args(runs, demo_dir)
+    def args_of(index):  # the VQ-VAE's last epoch sharpens its decoder alone (codes frozen)
+        args = train_args(runs, demo_dir, "--epochs", "3", "--sharpen-epochs", "1", "--spectral-loss", "0.1")
         if index == 0:
             return args
         return [str(ROOT / "tests" / "cluster_worker.py"), "--audit", str(runs), str(audit), *args[1:]]
@@ -193,6 +193,9 @@ def test_train_py_on_two_workers_trains_every_stage_and_only_the_chief_writes_th
     for index in range(WORKERS):
         out = (tmp_path / f"out_{index}").read_text()
         assert f"worker {index} of 2" in out and "encoded the train split by 2 workers" in out
+        assert "sharpening the decoder: epochs 3-3" in out
+    history = (run / "history.csv").read_text().splitlines()
+    assert [int(row.split(",")[0]) for row in history[1:]] == [1, 2, 3]
 
     # the code grids the workers encoded a shard each are the whole split's, in order, as one process encodes them
     import keras
@@ -201,6 +204,7 @@ def test_train_py_on_two_workers_trains_every_stage_and_only_the_chief_writes_th
         import train
 
         vqvae = Run(run).stage("vqvae").load_model()
+        assert vqvae.codes_frozen
         files = dataset.split_files(demo_dir, "train")
         expected = train.utils.batched(vqvae.encode, dataset.load_images(files, 32))
         np.testing.assert_array_equal(np.load(run / "codes_train.npz")["codes"], expected)
