@@ -77,9 +77,10 @@ class Config:
     prior_condition_dropout: float = setting(0.0, "share of training grids whose depth is hidden from the prior, so "
                                                    "that predict.py --guidance can sample with classifier-free "
                                                    "guidance (0: off; the papers use about 0.1)")
-    prior_layout_levels: int = setting(0, "0: one prior over the codes; L >= 2: a two-level prior that first samples "
-                                          "a coarse layout (each 2x2 codes' mean decoded intensity in L bins) with a "
-                                          "PixelCNN of its own, then the codes given it")
+    prior_layout_levels: int = setting(8, "L >= 2: a two-level prior that first samples a coarse layout (each 2x2 "
+                                          "codes' mean decoded intensity in L bins) with a PixelCNN of its own, then "
+                                          "the codes given it, as the only prior that drew anatomy did (a large one, "
+                                          "on a GPU; docs/experiments.md); 0: one prior over the codes")
     # tissue segmenter (the tissue report's reader), trained where the data has segmentations (keras_png_slices_seg_*)
     segmenter_channels: int = setting(16, "channels of the U-Net's first level (x2, x4 below it)")
     segmenter_epochs: int = setting(6, "passes over the training split's slices and their tissue labels")
@@ -92,7 +93,7 @@ class Config:
     name: str = setting("", "the run's folder name under --runs-dir; empty means a timestamp")
 
     # What a config.json written before a setting existed meant by its absence, where that differs from the default.
-    BEFORE = {"prior_augment": 0}
+    BEFORE = {"prior_augment": 0, "prior_layout_levels": 0}
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":

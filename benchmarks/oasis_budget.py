@@ -1,7 +1,8 @@
 """The OASIS preset end to end within a time budget, on any Keras backend; made for a GPU machine with JAX and no
 TensorFlow. Builds an OASIS-sized demo set in memory (the demo builder, one process per core), trains the
 OASIS-preset VQ-VAE with codebook restarts, encodes the slices (and their mirror images), trains the
-depth-conditioned prior on flipped and shifted grids as train.py's OASIS preset does (--prior-augment 2), and samples.
+depth-conditioned two-level prior (layout, then codes) on flipped and shifted grids as train.py's OASIS preset does
+(--prior-layout-levels 8, --prior-augment 2), and samples.
 
     KERAS_BACKEND=jax python -m benchmarks.oasis_budget --budget 1200          # 300/35/17 subjects, as OASIS
     KERAS_BACKEND=jax python -m benchmarks.oasis_budget --budget 240 --subjects 6 2 2 --batch-size 16 --samples 2  # CPU check
@@ -65,16 +66,28 @@ def as_images(slices: np.ndarray) -> np.ndarray:
     return (slices[..., None] / np.float32(255)).astype("float32")
 
 
-class ShiftedGrids(keras.utils.PyDataset):
-    """([codes, depth features], codes) batches for the prior as train.py's --prior-augment makes them, in NumPy (the
-    GPU machine has no TensorFlow): the training grids and their mirror images' grids, each batch's grids moved by a
-    random -shift, 0 or +shift codes along each axis, the empty frame's code filling what a move uncovers; an epoch
-    as many grids as the training split, reshuffled each epoch."""
+def moved(grids: np.ndarray, offsets: np.ndarray, shift: int, fill: int) -> np.ndarray:
+    """(N, h, w) grids, each moved by its (dy, dx) in {0, shift, 2 shift} into the grid padded by `shift` with
+    `fill`: a move of +shift, 0 or -shift cells along each axis."""
+    h, w = grids.shape[1:]
+    padded = np.pad(grids, ((0, 0), (shift, shift), (shift, shift)), constant_values=fill)
+    return np.stack([g[dy:dy + h, dx:dx + w] for g, (dy, dx) in zip(padded, offsets)])
 
-    def __init__(self, codes: np.ndarray, features: np.ndarray, shift: int, batch_size: int, seed: int):
+
+class ShiftedGrids(keras.utils.PyDataset):
+    """The prior's (inputs, targets) batches as train.py's --prior-augment makes them, in NumPy (the GPU machine has
+    no TensorFlow): the training grids and their mirror images' grids, each batch's grids moved by a random -shift, 0
+    or +shift codes along each axis, the empty frame's code filling what a move uncovers; an epoch as many grids as
+    the training split, reshuffled each epoch. With layouts (a two-level prior's, one cell per 2x2 codes) each
+    grid's layout moves with it, by half as many cells."""
+
+    def __init__(self, prior, codes: np.ndarray, features: np.ndarray, shift: int, batch_size: int, seed: int,
+                 layouts: np.ndarray | None = None):
         super().__init__()
-        self.codes, self.features, self.shift, self.batch_size = codes, features, shift, batch_size
+        self.prior, self.codes, self.features, self.layouts = prior, codes, features, layouts
+        self.shift, self.batch_size = shift, batch_size
         self.fill = np.bincount(codes[:, 0, 0]).argmax()  # the corner code: an empty frame
+        self.layout_fill = None if layouts is None else np.bincount(layouts[:, 0, 0]).argmax()
         self.rng = np.random.default_rng(seed)
         self.on_epoch_end()
 
@@ -83,11 +96,14 @@ class ShiftedGrids(keras.utils.PyDataset):
 
     def __getitem__(self, index):
         picks = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-        s, (h, w) = self.shift, self.codes.shape[1:]
-        padded = np.pad(self.codes[picks], ((0, 0), (s, s), (s, s)), constant_values=self.fill)
-        offsets = self.rng.integers(0, 3, (len(picks), 2)) * s  # 0, s or 2s into the padded grid: a move of s, 0, -s
-        grids = np.stack([g[dy:dy + h, dx:dx + w] for g, (dy, dx) in zip(padded, offsets)])
-        return (grids, self.features[picks]), grids
+        moves = self.rng.integers(0, 3, (len(picks), 2))  # 0, 1 or 2 shifts into the padded grid: +s, 0 or -s
+        grids = moved(self.codes[picks], moves * self.shift, self.shift, self.fill)
+        layouts = None
+        if self.layouts is not None:
+            half = self.shift // 2
+            layouts = moved(self.layouts[picks], moves * half, half, self.layout_fill)
+        inputs = self.prior.pack_inputs(grids, self.features[picks], layouts)
+        return tuple(inputs) if isinstance(inputs, list) else inputs, self.prior.pack_targets(grids, layouts)
 
     def on_epoch_end(self):
         self.order = self.rng.permutation(len(self.codes))
@@ -179,10 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     codes = encoded(train_slices)
     features = np.asarray(modules.slice_position_features(data["train"][1], config.prior_position_frequencies))
     if config.prior_augment:
-        grids = ShiftedGrids(np.concatenate([codes, encoded(train_slices[:, :, ::-1])]),
-                             np.concatenate([features, features]), config.prior_augment, config.prior_batch_size,
-                             config.seed)
-    prior_steps_per_epoch = math.ceil(len(codes) / config.prior_batch_size)
+        codes, features = np.concatenate([codes, encoded(train_slices[:, :, ::-1])]), np.concatenate([features] * 2)
+    layouts = (utils.code_layouts(evaluated, codes, config.prior_layout_levels).astype("int32")
+               if config.prior_layout_levels else None)  # a two-level prior's layouts, as train.py makes them
+    prior_steps_per_epoch = math.ceil(len(train_slices) / config.prior_batch_size)
 
     def new_prior(epochs):
         return modules.new_prior(dataclasses.replace(config, prior_epochs=epochs), prior_steps_per_epoch, dtype,
@@ -190,9 +206,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def prior_fit(prior, **kwargs):
         if config.prior_augment:
-            prior.fit(grids, **kwargs)
+            prior.fit(ShiftedGrids(prior, codes, features, config.prior_augment, config.prior_batch_size,
+                                   config.seed, layouts), **kwargs)
         else:
-            prior.fit([codes, features], codes, batch_size=config.prior_batch_size, **kwargs)
+            prior.fit(prior.pack_inputs(codes, features, layouts), prior.pack_targets(codes, layouts),
+                      batch_size=config.prior_batch_size, **kwargs)
 
     probe = new_prior(1)
     prior_fit(probe, epochs=1, steps_per_epoch=1, verbose=0)
@@ -227,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "learning_rate": config.learning_rate, "vqvae_images_per_s": round(vqvae_rate, 1),
         "vqvae_s_per_oasis_epoch": round(OASIS_TRAIN_SLICES / vqvae_rate, 1), "vqvae_steps": vqvae_steps,
         "prior_steps": stop.steps, "prior_augment": config.prior_augment,
+        "prior_layout_levels": config.prior_layout_levels,
         "held_out_ssim": round(held_out, 4), "bilinear_floor_ssim": round(floor, 4),
         "prior_grids_per_s": round(prior_rate, 1), "prior_s_per_oasis_epoch": round(OASIS_TRAIN_SLICES / prior_rate, 1),
         "sampler_compile_s": round(compile_seconds, 2), "sample_s": round(sample_seconds, 3),

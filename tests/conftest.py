@@ -63,10 +63,12 @@ def eager_loops():
     return contextlib.nullcontext()  # TensorFlow runs loops eagerly outside tf.function
 
 
-# The smallest settings that train both stages end to end: 32 px images, 8x8 code grids, a few hundred weights.
+# The smallest settings that train both stages end to end: 32 px images, 8x8 code grids, a few hundred weights, a
+# one-level prior (the two-level one has tests of its own: test_prior, test_compiled, test_cli's largest prior).
 TINY = ["--image-size", "32", "--hidden-channels", "8", "--num-res-blocks", "1", "--num-embeddings", "16",
         "--embedding-dim", "4", "--batch-size", "16", "--prior-channels", "8", "--prior-layers", "2",
-        "--prior-kernel-size", "3", "--segmenter-channels", "4", "--segmenter-epochs", "2"]
+        "--prior-kernel-size", "3", "--prior-layout-levels", "0", "--segmenter-channels", "4", "--segmenter-epochs",
+        "2"]
 
 
 @pytest.fixture

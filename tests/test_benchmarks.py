@@ -58,26 +58,34 @@ def test_the_realism_check_reports_every_known_answer_with_its_interval_and_p_va
     assert figures["known"]["blank"] >= 0.9 and figures["p_value"]["blank"] < 1e-6  # obviously wrong: told apart
 
 
-def test_the_oasis_budget_prior_sees_every_grid_moved_by_minus_s_0_or_plus_s_codes_with_its_own_depth():
+def test_the_oasis_budget_prior_sees_every_grid_moved_by_minus_s_0_or_plus_s_codes_with_its_depth_and_layout():
     from benchmarks.oasis_budget import ShiftedGrids
     import numpy as np
+
+    import modules
 
     rng = np.random.default_rng(0)
     codes = np.zeros((12, 8, 8), "int32")  # code 0 is the empty frame, as the corner code of real grids is
     codes[:, 2:6, 2:6] = rng.integers(1, 16, (12, 4, 4))
+    layouts = np.zeros((12, 4, 4), "int32")
+    layouts[:, 1:3, 1:3] = rng.integers(1, 4, (12, 2, 2))
     features = np.arange(12, dtype="float32")[:, None] * np.ones((1, 3), "float32")
-    batches = ShiftedGrids(codes, features, shift=2, batch_size=4, seed=0)
+    prior = modules.PixelCNNPrior(16, (8, 8), 4, 1, 3, num_conditions=3, layout_levels=4)
+    batches = ShiftedGrids(prior, codes, features, shift=2, batch_size=4, seed=0, layouts=layouts)
     assert len(batches) == 2  # an epoch: as many grids as the unmirrored half
     moves = set()
     for _ in range(5):
         for index in range(len(batches)):
-            (grids, conditions), targets = batches[index]
-            assert (grids == targets).all() and grids.shape[1:] == (8, 8)
-            for grid, condition in zip(grids, conditions):
-                source = codes[int(condition[0])]  # the depth features say which grid it came from
+            (grids, conditions, cells), targets = batches[index]
+            assert (grids == targets["codes"]).all() and (cells == targets["layout"]).all()
+            assert grids.shape[1:] == (8, 8) and cells.shape[1:] == (4, 4)
+            for grid, condition, cell in zip(grids, conditions, cells):
+                source = int(condition[0])  # the depth features say which grid it came from
                 found = [(dy, dx) for dy in (-2, 0, 2) for dx in (-2, 0, 2)
-                         if (np.pad(source, 2)[2 - dy:10 - dy, 2 - dx:10 - dx] == grid).all()]
+                         if (np.pad(codes[source], 2)[2 - dy:10 - dy, 2 - dx:10 - dx] == grid).all()]
                 assert found, "a grid is not its source moved by -2, 0 or +2 codes"
+                dy, dx = found[0]  # its layout moves with it, by half as many cells
+                assert (np.pad(layouts[source], 1)[1 - dy // 2:5 - dy // 2, 1 - dx // 2:5 - dx // 2] == cell).all()
                 moves.update(found)
         batches.on_epoch_end()
     assert len(moves) == 9  # every move occurs

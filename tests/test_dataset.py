@@ -306,11 +306,13 @@ def test_shifted_code_batches_move_each_grid_and_its_layout_by_whole_steps_and_f
     assert len(seen) >= 6  # the shifts vary
 
 
-def test_a_config_written_before_augmentation_existed_trains_without_it():
+def test_a_config_written_before_augmentation_or_layouts_existed_trains_without_them():
     from run_state import Config
 
     assert Config.from_dict({}).prior_augment == 0 and Config().prior_augment == 2
     assert Config.from_dict({"prior_augment": 4}).prior_augment == 4
+    assert Config.from_dict({}).prior_layout_levels == 0 and Config().prior_layout_levels == 8
+    assert Config.from_dict({"prior_layout_levels": 5}).prior_layout_levels == 5
 
 
 def test_the_prior_keeps_the_weights_of_its_best_validation_epoch(tmp_path):
