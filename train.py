@@ -713,7 +713,8 @@ class RestartUnusedCodes(keras.callbacks.Callback):
 class StopOnDivergence(keras.callbacks.Callback):
     """Stops training at the first batch whose loss (the epoch's running mean) is NaN, infinite or above
     `ceiling`, a loss that no model of the stage reaches, trained or not, before anything of that epoch is saved.
-    (A learning rate of 1e30 made the prior's loss NaN with one order of batches and 4e29, finite, with another.)"""
+    (A learning rate of 1e30 made the prior's loss NaN with one order of batches and 4e29, finite, with another.)
+    Its batch end is also where a Ctrl-C or SIGTERM whose first raise was swallowed stops training."""
 
     def __init__(self, stage: run_state.Stage, flag: str, learning_rate: float, ceiling: float = np.inf):
         super().__init__()
@@ -724,6 +725,7 @@ class StopOnDivergence(keras.callbacks.Callback):
         self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
+        utils.raise_if_stopped()
         loss = float(logs["loss"])
         if not loss <= self.ceiling:  # NaN fails every comparison
             label = STAGE_LABELS[self.stage.name]

@@ -37,13 +37,26 @@ class Interrupted(KeyboardInterrupt):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+_received: list[int] = []  # the stop signals this script has received
+
+
 def _raise_interrupted(signal_number, frame):
+    _received.append(signal_number)
     raise Interrupted(signal_number)
+
+
+def raise_if_stopped() -> None:
+    """Raises Interrupted again for a stop signal that arrived before. The handler raises wherever the main thread
+    is, and where that is a __del__ method or a weakref callback (TensorFlow runs many), Python prints "Exception
+    ignored" and goes on: without this, training would run to its end. Training calls it after every batch."""
+    if _received:
+        raise Interrupted(_received[0])
 
 
 def script_main(body, argv: list[str] | None) -> int:
     """Runs a script's body(argv). A UserError becomes one line on stderr ("error: ...") and exit code 2; Ctrl-C or
     SIGTERM one line (what is safe, what to type) and exit code 128 + the signal's number, as shells report it."""
+    _received.clear()
     previous = {number: signal.signal(number, _raise_interrupted) for number in STOP_SIGNALS}
     try:
         body(argv)

@@ -214,7 +214,7 @@ def test_train_py_on_two_workers_trains_every_stage_and_only_the_chief_writes_th
 def test_a_killed_worker_stops_the_other_with_one_line_and_the_run_resumes_on_two_workers(demo_dir, tmp_path):
     runs, backend = tmp_path / "runs", "tensorflow"
     run = runs / "mw"
-    workers = start_workers(backend, lambda i: train_args(runs, demo_dir, "--prior-epochs", "40"), tmp_path / "a")
+    workers = start_workers(backend, lambda i: train_args(runs, demo_dir, "--prior-epochs", "12"), tmp_path / "a")
     deadline = time.time() + TIMEOUT
     while json.loads((run / "progress.json").read_text() if (run / "progress.json").exists() else "{}").get(
             "prior", {}).get("epochs_done", 0) < 2:
@@ -237,8 +237,8 @@ def test_a_killed_worker_stops_the_other_with_one_line_and_the_run_resumes_on_tw
 
     finish(start_workers(backend, lambda i: [str(ROOT / "train.py"), "--resume", str(run), "--multi-worker"],
                          tmp_path / "b"), tmp_path / "b")
-    assert f"resuming the prior after epoch {kept} of 40" in (tmp_path / "b" / "out_0").read_text()
+    assert f"resuming the prior after epoch {kept} of 12" in (tmp_path / "b" / "out_0").read_text()
     progress = json.loads((run / "progress.json").read_text())
-    assert progress["prior"] == {"epochs_done": 40, "finished": True} and progress["segmenter"]["finished"]
+    assert progress["prior"] == {"epochs_done": 12, "finished": True} and progress["segmenter"]["finished"]
     history = (run / "prior_history.csv").read_text().splitlines()
-    assert [int(row.split(",")[0]) for row in history[1:]] == list(range(1, 41))
+    assert [int(row.split(",")[0]) for row in history[1:]] == list(range(1, 13))
