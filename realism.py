@@ -199,13 +199,15 @@ LABELS = {"real_vs_real": "real validation slices (the ideal)",
 
 
 def judge_samples(generated, real: dataset.Split, test: dataset.Split, n: int, draws: int, seed: int,
-                  known: dict, depths=None, vqvae=None, layout_levels: int = 0, diagnostics: bool = False) -> tuple:
+                  known: dict, depths=None, vqvae=None, layout_levels: int = 0, diagnostics: bool = False,
+                  judges: int = C2ST_JUDGES) -> tuple:
     """The C2ST of samples against the real test slices, beside real validation slices (the ideal), over `draws`
     draws of n. generated(n, positions, stream, layouts) -> decoded samples; depths.draw(n) -> depths to sample at
     (None: an unconditioned prior). The samples judged are drawn at the judged real slices' depths where both the
     prior and the slices have depths, else at depths drawn from training (or none). `known`: results measured
     before (real vs real, reconstructions), not measured again. diagnostics: also samples at depths drawn from
-    training, the VQ-VAE's reconstructions (`vqvae`) and, with two levels, codes given real layouts.
+    training, the VQ-VAE's reconstructions (`vqvae`) and, with two levels, codes given real layouts. judges: per fold
+    (c2st).
     Returns (results by set, the real slices judged (one array per draw), the judged samples (one array per draw),
     and the samples at the real slices' depths with those depths (all draws together; None without depths))."""
     picks = [np.random.default_rng([seed, r]).permutation(len(real.images))[:n] for r in range(draws)]
@@ -236,19 +238,19 @@ def judge_samples(generated, real: dataset.Split, test: dataset.Split, n: int, d
     if diagnostics and layout_levels:  # which level falls short: codes given real layouts
         layouts = [code_layouts(vqvae, batched(vqvae.encode, images), layout_levels) for images in real_images]
         judged["samples_given_real_layouts_vs_real"] = (drawn(3, real_depths, layouts), None)
-    return report(judged, test, seed, known), real_images, samples, at_depths
+    return report(judged, test, seed, known, judges), real_images, samples, at_depths
 
 
-def report(judged: dict, test: dataset.Split, seed: int, known: dict) -> dict:
+def report(judged: dict, test: dataset.Split, seed: int, known: dict, judges: int = C2ST_JUDGES) -> dict:
     """C2ST accuracy of each (draws of images, their subject ids or None) set against the real test slices, beside
     the `known` results measured before, printed as a table."""
     size = min(C2ST_SIZE, test.images.shape[1])
     print(f"realism: can a small CNN tell these from real test slices? (classifier two-sample test, "
-          f"{C2ST_FOLDS}-fold, {C2ST_JUDGES} judges a fold, at {size} px; 0.5 = indistinguishable, 1.0 = always "
-          "told apart)")
+          f"{C2ST_FOLDS}-fold, {judges} judge{'s' * (judges > 1)} a fold, at {size} px; 0.5 = indistinguishable, "
+          "1.0 = always told apart)")
     results, test_subjects = dict(known), test.subjects()
     for name, (draws, subjects) in judged.items():
-        results[name] = c2st(draws, test.images, groups=(subjects, test_subjects), seed=seed)
+        results[name] = c2st(draws, test.images, groups=(subjects, test_subjects), seed=seed, judges=judges)
     for name in LABELS:
         if name in results:
             result = results[name]
@@ -273,13 +275,14 @@ def data_stamp(held_out: list[np.ndarray], train_files: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def reference(n: int, draws: int, seed: int, data_dir: str, vqvae_stamp: list, data: str) -> dict:
+def reference(n: int, draws: int, seed: int, data_dir: str, vqvae_stamp: list, data: str,
+              judges: int = C2ST_JUDGES) -> dict:
     """What the references (real vs real, reconstructions, the real side of the copy check) depend on: the data
     (its folder and `data`, its data_stamp), the VQ-VAE and the judge. Another of any of these: they are measured
     anew."""
     return {"n": n, "draws": draws, "seed": seed, "data_dir": str(data_dir), "data": data, "vqvae": vqvae_stamp,
             "judge": {"channels": list(JUDGE_CHANNELS), "folds": C2ST_FOLDS, "epochs": C2ST_EPOCHS,
-                      "judges": C2ST_JUDGES, "size": C2ST_SIZE, "input": "8-bit"},
+                      "judges": judges, "size": C2ST_SIZE, "input": "8-bit"},
             "copy_shortlist": COPY_SHORTLIST}
 
 

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=run_state.DEMO_PRESET["image_size"])
     parser.add_argument("--run", help="a run folder: its VQ-VAE's reconstructions are judged too")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--judges", type=int, default=realism.C2ST_JUDGES,
+                        help=f"judges a fold (default {realism.C2ST_JUDGES}, as predict.py; 1: a third of the time)")
     args = parser.parse_args(argv)
     if not Path(args.data_dir).exists():
         dataset.make_demo(args.data_dir)
@@ -73,13 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     for key, (label, candidate) in sets.items():
         start = time.perf_counter()
         groups = (subjects["validate"], subjects["test"])  # every set here is made from the validation slices
-        result = realism.c2st(candidate, test, groups=groups, seed=args.seed)
+        result = realism.c2st(candidate, test, groups=groups, seed=args.seed, judges=args.judges)
         results[key] = result
         low, high = result["ci95"]
         print(f"{label:>58}: {result['accuracy']:.3f} [{low:.3f}, {high:.3f}], p {result['p_value']:.2g}  "
               f"({time.perf_counter() - start:.0f} s)")
     print(json.dumps({"benchmark": "realism_check", "data_dir": args.data_dir, "image_size": args.image_size,
-                      "n_per_set": min(len(val), len(test)),
+                      "n_per_set": min(len(val), len(test)), "judges": args.judges,
                       "known": {key: round(r["accuracy"], 3) for key, r in results.items()},
                       "ci95": {key: [round(v, 3) for v in r["ci95"]] for key, r in results.items()},
                       "p_value": {key: float(f"{r['p_value']:.3g}") for key, r in results.items()},

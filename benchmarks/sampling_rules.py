@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="the data whose validation split is used (default: the run's own)")
     parser.add_argument("--top-k", type=int, nargs="+", default=[0], help="top-k values (0: every code)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--judges", type=int, default=realism.C2ST_JUDGES,
+                        help=f"judges a fold (default {realism.C2ST_JUDGES}, as predict.py; 1: a third of the time)")
     args = parser.parse_args(argv)
 
     def body(_argv) -> None:
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         def judged(images, positions, groups=None) -> dict:
             """C2ST against the validation slices (samples: each its own group; real slices: their subjects) and the
             tissue report against them, its floor the training subjects' slices."""
-            c2st = realism.c2st(images, validation.images, groups=(groups, subjects), seed=args.seed)
+            c2st = realism.c2st(images, validation.images, groups=(groups, subjects), seed=args.seed,
+                                judges=args.judges)
             result = {"accuracy": c2st["accuracy"], "ci95": c2st["ci95"]}
             if segmenter is not None:
                 anatomy, _ = realism.tissue_report(segmenter, (images, positions), reference,
@@ -93,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             tissue = " / ".join("-" if x is None else f"{x:.2f}" for x in row.get("tissue_x_floor", {}).values())
             mark = "  <- chosen" if name == chosen else ""
             print(f"{name:<36}{row['accuracy']:>8.3f} [{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]   {tissue}{mark}")
-        print(json.dumps({"benchmark": "sampling_rules", "run": str(run.path), "rules": rows, "chosen": chosen}))
+        print(json.dumps({"benchmark": "sampling_rules", "run": str(run.path), "judges": args.judges, "rules": rows,
+                          "chosen": chosen}))
 
     return utils.script_main(body, None)
 

@@ -27,8 +27,8 @@ import run_state  # noqa: E402
 import train  # noqa: E402
 
 TINY = dict(image_size=32, hidden_channels=8, num_res_blocks=1, num_embeddings=16, embedding_dim=4, batch_size=16,
-            prior_channels=8, prior_layers=2, prior_kernel_size=3, prior_batch_size=8, prior_augment=0, prior_layout_levels=0,
-            prior_position_frequencies=0, epochs=1, prior_epochs=1, seed=3)
+            prior_channels=8, prior_layers=2, prior_kernel_size=3, prior_batch_size=8, prior_augment=0,
+            prior_layout_levels=0, prior_position_frequencies=0, epochs=1, prior_epochs=1, seed=3)
 GRIDS = 40  # random code grids for the prior: 40 over 2 workers at 8 a step is 2 steps, and 4 grids sit out
 
 

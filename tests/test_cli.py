@@ -69,11 +69,12 @@ def test_config_round_trips_through_json(tiny_run):
 
 @pytest.fixture(scope="module")
 def predicted(tiny_run):
-    """predict.py once on the tiny run, with the realism diagnostics: (what it printed, the metrics it wrote)."""
+    """predict.py once on the tiny run, with the realism diagnostics and two judges a fold (three, the default, only
+    cost time here): (what it printed, the metrics it wrote)."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5", "--realism-draws", "2",
-                             "--realism-diagnostics"]) == 0
+                             "--realism-diagnostics", "--realism-judges", "2"]) == 0
     return printed.getvalue(), json.loads((tiny_run / "metrics.json").read_text())
 
 
@@ -104,8 +105,9 @@ def test_predict_rebuilds_from_the_run_folder_reports_baselines_and_generates(ti
     for result in gen["c2st"].values():
         assert result["n_per_set"] == 32 and 0 <= result["ci95"][0] <= result["accuracy"] <= result["ci95"][1] <= 1
         assert len(result["draws"]) == 2 and result["accuracy"] == pytest.approx(np.mean(result["draws"]))
-        assert len(result["judges_alone"]) == realism.C2ST_JUDGES  # how far one judge alone would have moved
+        assert len(result["judges_alone"]) == 2  # how far one judge alone would have moved
     assert "realism: can a small CNN tell these from real test slices?" in out and "judges alone" in out
+    assert "2 judges a fold" in out and gen["c2st_reference"]["judge"]["judges"] == 2
     for key in ["samples", "real"]:
         assert -1 <= gen["nearest_train_ssim"][key]["min"] <= gen["nearest_train_ssim"][key]["mean"] <= 1
         assert 0 <= gen["brain_fraction"][key]["mean"] < 1
@@ -133,20 +135,24 @@ def test_the_realism_references_are_measured_once_per_vqvae(tiny_run, predicted,
     measured = []
     nearest_ssim = realism.nearest_ssim
     monkeypatch.setattr(realism, "nearest_ssim", lambda q, p, k: measured.append(len(q)) or nearest_ssim(q, p, k))
-    assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5", "--realism-draws", "2"]) == 0
+    assert predict.main(["--run", str(tiny_run), "--num-samples", "3", "--seed", "5", "--realism-draws", "2",
+                         "--realism-judges", "2"]) == 0
     assert capsys.readouterr().out.count(", measured before)") == 2  # real vs real, and the reconstructions
     again = json.loads((tiny_run / "metrics.json").read_text())["samples"]
     assert {k: again["c2st"][k] for k in ("real_vs_real", "reconstructions_vs_real")} == \
         {k: first["c2st"][k] for k in ("real_vs_real", "reconstructions_vs_real")}
     assert measured == [32]  # the copy check measured the samples only; the real slices' side was kept
     assert again["nearest_train_ssim"]["real"] == first["nearest_train_ssim"]["real"]
+    reference = again["c2st_reference"]  # judged by another number of judges: measured anew
+    assert realism.previous_references(again, {**reference, "judge": {**reference["judge"], "judges": 1}}) == ({}, None)
 
 
 def test_a_data_folder_rebuilt_in_place_has_its_realism_references_measured_again(tiny_run, demo_dir, tmp_path,
                                                                                     capsys):
     data = tmp_path / "data"
     shutil.copytree(demo_dir, data)
-    args = ["--run", str(tiny_run), "--data-dir", str(data), "--num-samples", "2", "--out", str(tmp_path / "out")]
+    args = ["--run", str(tiny_run), "--data-dir", str(data), "--num-samples", "2", "--out", str(tmp_path / "out"),
+            "--realism-judges", "1"]
     assert predict.main(args) == 0 and predict.main(args) == 0
     assert capsys.readouterr().out.count(", measured before)") == 1  # the same data: real vs real kept
     test_file = sorted((data / "keras_png_slices_test").glob("*.png"))[5]
@@ -235,6 +241,9 @@ def test_generation_at_given_depths(tiny_run, capsys):
     assert predict.main([*args, "--top-k", "-1"]) == 2
     err = capsys.readouterr().err
     assert "--top-k must be 0" in err and err.count("\n") == 1
+    assert predict.main([*args, "--realism-judges", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--realism-judges must be 1 or more" in err and err.count("\n") == 1
 
 
 def test_predict_uses_newest_run_by_default(tiny_run, monkeypatch, capsys):
@@ -325,12 +334,12 @@ def test_resume_trains_the_prior_of_a_run_whose_vqvae_is_trained(tiny_run, tmp_p
     assert prior.num_layers == 1 and prior.attention_layers == 1 and prior.layout_levels == 4
     metrics = json.loads((run / "metrics.json").read_text())["prior"]
     assert 0 < metrics["val_bits_per_code"] < 2 * np.log2(16)  # the codes' NLL, layout included
-    assert predict.main(["--run", str(run), "--num-samples", "2", "--realism-draws", "1"]) == 0
+    assert predict.main(["--run", str(run), "--num-samples", "2", "--realism-draws", "1", "--realism-judges", "1"]) == 0
     out = capsys.readouterr().out  # the test: samples at the real slices' depths; the rest are diagnostics
     assert "samples given validation layouts" not in out and "depths drawn from training" not in out
     judged = json.loads((run / "metrics.json").read_text())["samples"]["c2st"]
     assert "samples_at_real_depths_vs_real" in judged and "samples_vs_real" not in judged
-    assert predict.main(["--run", str(run), "--num-samples", "2", "--realism-draws", "1",
+    assert predict.main(["--run", str(run), "--num-samples", "2", "--realism-draws", "1", "--realism-judges", "1",
                          "--realism-diagnostics"]) == 0
     out = capsys.readouterr().out
     assert "samples given validation layouts, depths" in out and "VQ-VAE reconstructions" in out
@@ -392,7 +401,8 @@ def test_the_sampling_rules_benchmark_judges_each_rule_on_validation_halves_only
     data = dataset.make_demo(tmp_path / "demo", subjects=(1, 2, 1), seed=3, verbose=False)
     shutil.rmtree(data / "keras_png_slices_test")
     figures = benchmark("sampling_rules", "--run", str(tiny_run), "--data-dir", str(data), "--temperatures", "0.5",
-                        "1.0", "--top-k", "0", "2")
+                        "1.0", "--top-k", "0", "2", "--judges", "1")
+    assert figures["judges"] == 1  # one judge a fold here: the rules, not the ensemble, are under test
     assert list(figures["rules"]) == ["real training slices"] + [f"T {t}, guidance 1.0, top-k {k}" for t in (0.5, 1.0)
                                                              for k in (0, 2)]
     chosen = figures["chosen"]
