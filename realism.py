@@ -92,6 +92,8 @@ def c2st(first, second: np.ndarray, groups: tuple | None = None, folds: int = C2
     Both sets reach the judge the same way: rounded to 8 bits, as PNG slices are (generated images are floats), then
     downsized (utils.downsized): a judge must not win on rounding or on a resize filter.
     """
+    if judges < 1:
+        raise ValueError(f"a C2ST needs at least one judge a fold, got judges={judges}")
     draws = first if isinstance(first, list) else [first]
     first_ids = groups[0] if groups is not None else None
     first_ids = first_ids if isinstance(first_ids, list) else [first_ids] * len(draws)

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--judges", type=int, default=realism.C2ST_JUDGES,
                         help=f"judges a fold (default {realism.C2ST_JUDGES}, as predict.py; 1: a third of the time)")
     args = parser.parse_args(argv)
+    if args.judges < 1:
+        parser.error(f"--judges must be 1 or more, got {args.judges}")
     if not Path(args.data_dir).exists():
         dataset.make_demo(args.data_dir)
     files = {split: dataset.split_files(args.data_dir, split) for split in ("validate", "test")}

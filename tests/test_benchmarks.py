@@ -59,6 +59,14 @@ def test_the_realism_check_reports_every_known_answer_with_its_interval_and_p_va
     assert figures["known"]["blank"] >= 0.9 and figures["p_value"]["blank"] < 1e-6  # obviously wrong: told apart
 
 
+@pytest.mark.parametrize("name, args", [("realism_check", []), ("sampling_rules", ["--run", "runs/none"])])
+def test_a_judge_count_below_one_is_one_line_and_exit_2(name, args):
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args, "--judges", "0"], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 2 and "--judges must be 1 or more, got 0" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_the_oasis_budget_prior_sees_every_grid_moved_by_minus_s_0_or_plus_s_codes_with_its_depth_and_layout():
     from benchmarks.oasis_budget import ShiftedGrids
     import numpy as np

@@ -167,6 +167,8 @@ def test_each_fold_is_judged_by_several_judges_the_first_seeded_as_a_judge_alone
     assert one["n_per_set"] == three["n_per_set"] == 24
     assert one["judges_alone"] == [one["accuracy"]]  # one judge: its verdicts are the test's
     assert len(three["judges_alone"]) == 3 and all(0 <= a <= 1 for a in three["judges_alone"])
+    with pytest.raises(ValueError, match="at least one judge"):
+        realism.c2st(first, second, folds=2, epochs=3, size=16, judges=0)
 
 
 def test_cluster_bootstrap_interval_widens_with_fewer_groups():
