@@ -68,7 +68,8 @@ def train(argv: list[str] | None = None) -> Path:
     hardware.cluster.hint = resume_hint(run, hardware.cluster)
     data = load_training_images(config, args.demo, hardware) if vqvae_to_train else None  # data errors: before any
     try:                                                                                     # folder is made
-        with run.training(config, stages, wait=args.wait):  # makes a new run's folder; one process per run
+        # run.training makes a new run's folder (one process per run); a stop signal inside stops at a safe point
+        with run.training(config, stages, wait=args.wait), utils.stops_at_safe_points():
             if "vqvae" in stages:
                 train_vqvae(run, config, hardware, data, retrain=args.retrain)
             if "prior" in stages:
@@ -714,7 +715,7 @@ class StopOnDivergence(keras.callbacks.Callback):
     """Stops training at the first batch whose loss (the epoch's running mean) is NaN, infinite or above
     `ceiling`, a loss that no model of the stage reaches, trained or not, before anything of that epoch is saved.
     (A learning rate of 1e30 made the prior's loss NaN with one order of batches and 4e29, finite, with another.)
-    Its batch end is also where a Ctrl-C or SIGTERM whose first raise was swallowed stops training."""
+    Its batch ends and epoch starts are also where a Ctrl-C or SIGTERM stops training (utils.stops_at_safe_points)."""
 
     def __init__(self, stage: run_state.Stage, flag: str, learning_rate: float, ceiling: float = np.inf):
         super().__init__()
@@ -722,7 +723,11 @@ class StopOnDivergence(keras.callbacks.Callback):
         self.epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
+        utils.raise_if_stopped()
         self.epoch = epoch
+
+    def on_test_batch_end(self, batch, logs=None):  # the validation passes inside fit
+        utils.raise_if_stopped()
 
     def on_train_batch_end(self, batch, logs=None):
         utils.raise_if_stopped()

@@ -38,26 +38,43 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 _received: list[int] = []  # the stop signals this script has received
+_raise_at_once = [True]  # False inside stops_at_safe_points: the handler only notes the signal
 
 
-def _raise_interrupted(signal_number, frame):
+def _on_stop_signal(signal_number, frame):
     _received.append(signal_number)
-    raise Interrupted(signal_number)
+    if _raise_at_once[0]:
+        raise Interrupted(signal_number)
 
 
 def raise_if_stopped() -> None:
-    """Raises Interrupted again for a stop signal that arrived before. The handler raises wherever the main thread
-    is, and where that is a __del__ method or a weakref callback (TensorFlow runs many), Python prints "Exception
-    ignored" and goes on: without this, training would run to its end. Training calls it after every batch."""
+    """Raises Interrupted for a stop signal that arrived before: the safe points of stops_at_safe_points (training
+    calls it at every batch end and epoch start, `batched` between batches). Outside them the handler raises wherever the
+    main thread is, and where that is a __del__ method or a weakref callback, Python prints "Exception ignored" and
+    goes on: this raises it again."""
     if _received:
         raise Interrupted(_received[0])
+
+
+@contextlib.contextmanager
+def stops_at_safe_points():
+    """Inside the block a stop signal is only noted, and raise_if_stopped raises it. Raised by the handler wherever
+    the main thread is, it can land in Python code that TensorFlow's C++ is calling, which does not always check for
+    an exception: a train.py stopped by Ctrl-C just after an epoch once died of a segmentation fault (a NULL read
+    in lib_pywrap_tensorflow_common.so) instead of saying its one line. train.py trains inside this block."""
+    previous, _raise_at_once[0] = _raise_at_once[0], False
+    try:
+        yield
+        raise_if_stopped()  # a signal noted after the last safe point
+    finally:
+        _raise_at_once[0] = previous
 
 
 def script_main(body, argv: list[str] | None) -> int:
     """Runs a script's body(argv). A UserError becomes one line on stderr ("error: ...") and exit code 2; Ctrl-C or
     SIGTERM one line (what is safe, what to type) and exit code 128 + the signal's number, as shells report it."""
     _received.clear()
-    previous = {number: signal.signal(number, _raise_interrupted) for number in STOP_SIGNALS}
+    previous = {number: signal.signal(number, _on_stop_signal) for number in STOP_SIGNALS}
     try:
         body(argv)
     except UserError as error:
@@ -198,7 +215,11 @@ BRAIN_THRESHOLD = 0.02  # intensity above which a pixel counts as brain (the bac
 
 def batched(fn, array, batch_size: int = 64) -> np.ndarray:
     """fn applied to consecutive batches of `array` (a model call, say), the outputs joined as one NumPy array."""
-    return np.concatenate([np.asarray(fn(array[i:i + batch_size])) for i in range(0, len(array), batch_size)])
+    outputs = []
+    for i in range(0, len(array), batch_size):
+        raise_if_stopped()  # a safe point of stops_at_safe_points: code extraction takes minutes on OASIS
+        outputs.append(np.asarray(fn(array[i:i + batch_size])))
+    return np.concatenate(outputs)
 
 
 def reconstruct(vqvae, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -121,6 +121,42 @@ def test_a_stop_signal_swallowed_where_it_landed_still_stops_training_at_the_nex
     assert utils.script_main(lambda argv: None, []) == 0  # the next command starts afresh
 
 
+def test_inside_training_a_stop_signal_is_raised_only_at_a_safe_point(capsys):
+    """Raised by the handler inside TensorFlow's C++ calling back into Python, Interrupted once crashed train.py
+    (a segmentation fault, no line): while training (utils.stops_at_safe_points) the handler only notes the signal,
+    and the safe points raise it: a batch or epoch start in fit, a batch of utils.batched."""
+    steps = []
+
+    def body(argv):
+        with utils.stops_at_safe_points():
+            signal.raise_signal(signal.SIGTERM)
+            steps.append("went on")  # noted, not raised here
+            utils.batched(lambda batch: steps.append(len(batch)) or batch, np.zeros(3))  # raises before its batch
+        steps.append("after the block")
+
+    assert utils.script_main(body, []) == 143 and steps == ["went on"]
+    assert capsys.readouterr().err == "stopped by SIGTERM\n"
+    noted = train.StopOnDivergence(None, "--learning-rate", 1e-3)
+    for hook in (lambda: noted.on_epoch_begin(1), lambda: noted.on_test_batch_end(0)):
+        def at_a_hook(argv, hook=hook):
+            with utils.stops_at_safe_points():
+                signal.raise_signal(signal.SIGINT)
+                hook()
+                steps.append("not reached")
+        assert utils.script_main(at_a_hook, []) == 130
+    assert utils.script_main(lambda argv: (signal.raise_signal(signal.SIGINT), steps.append("not reached")), []) == 130
+    assert "not reached" not in steps  # and outside the block the handler raises at once, as before
+
+    def late(argv):  # a signal noted after the last safe point is raised as the block ends
+        with utils.stops_at_safe_points():
+            signal.raise_signal(signal.SIGTERM)
+            steps.append("the block's last line")
+        steps.append("not reached")
+
+    assert utils.script_main(late, []) == 143 and steps[-1] == "the block's last line"
+    assert utils.script_main(lambda argv: None, []) == 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The same run started twice
 # ---------------------------------------------------------------------------------------------------------------
