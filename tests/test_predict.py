@@ -171,6 +171,21 @@ def test_each_fold_is_judged_by_several_judges_the_first_seeded_as_a_judge_alone
         realism.c2st(first, second, folds=2, epochs=3, size=16, judges=0)
 
 
+@pytest.mark.parametrize("size", [16, 17])
+def test_the_judges_first_layer_is_a_stride_2_convolution_with_conv2ds_initial_weights(size):
+    """PatchConv on first_layer_patches (a speed-up) computes what layers.Conv2D(8, 3, strides=2, padding="same")
+    computes on the image, from the same initial weights under the same seed, odd sizes and padding included."""
+    images = np.random.default_rng(0).random((3, size, size, 1)).astype("float32")
+    keras.utils.set_random_seed(5)
+    conv = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")
+    keras.utils.set_random_seed(5)
+    patch_conv = realism.PatchConv(8)
+    expected, got = np.asarray(conv(images)), np.asarray(patch_conv(realism.first_layer_patches(images)))
+    np.testing.assert_array_equal(np.asarray(patch_conv.kernel), np.asarray(conv.kernel))
+    assert got.shape == expected.shape == (3, (size + 1) // 2, (size + 1) // 2, 8)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
 def test_cluster_bootstrap_interval_widens_with_fewer_groups():
     rng = np.random.default_rng(0)
     outcomes = [rng.random(200) < 0.7, rng.random(200) < 0.7]
