@@ -45,9 +45,9 @@ class PatchConv(layers.Layer):
 
     def call(self, patches):  # (N, S/2, S/2, 9) -> (N, S/2, S/2, filters)
         n, height, width, _ = keras.ops.shape(patches)
+        # one 2-D product over every position: faster than the same as a batched 4-D one
         flat = keras.ops.matmul(keras.ops.reshape(patches, (-1, 9)), keras.ops.reshape(self.kernel, (9, self.filters)))
-        return keras.ops.relu(keras.ops.reshape(flat, (n, height, width, self.filters)) + self.bias)  # one 2-D product:
-        # faster than the same as a batched 4-D one
+        return keras.ops.relu(keras.ops.reshape(flat, (n, height, width, self.filters)) + self.bias)
 
 
 def first_layer_patches(images: np.ndarray) -> np.ndarray:
@@ -159,8 +159,8 @@ def _judged(first: tuple, second: tuple, folds: int, epochs: int, size: int, see
     rng = np.random.default_rng(seed)
     n, size = min(len(first[0]), len(second[0])), min(size, first[0].shape[1])
     picks = [rng.permutation(len(images))[:n] for images, _ in (first, second)]
-    x = first_layer_patches(np.concatenate([downsized(as_8_bit(s[0][p]), size) for s, p in zip((first, second),
-                                                                                              picks)]).astype("float32"))
+    images = np.concatenate([downsized(as_8_bit(s[0][p]), size) for s, p in zip((first, second), picks)])
+    x = first_layer_patches(images.astype("float32"))
     y = np.repeat([0.0, 1.0], n).astype("float32")
     labels = [s[1][p] for s, p in zip((first, second), picks)]
     ids = [np.unique(label, return_inverse=True)[1] for label in labels]  # each set's groups, numbered from 0

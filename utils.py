@@ -49,9 +49,9 @@ def _on_stop_signal(signal_number, frame):
 
 def raise_if_stopped() -> None:
     """Raises Interrupted for a stop signal that arrived before: the safe points of stops_at_safe_points (training
-    calls it at every batch end and epoch start, `batched` between batches). Outside them the handler raises wherever the
-    main thread is, and where that is a __del__ method or a weakref callback, Python prints "Exception ignored" and
-    goes on: this raises it again."""
+    calls it at every batch end and epoch start, `batched` between batches). Outside them the handler raises wherever
+    the main thread is, and where that is a __del__ method or a weakref callback, Python prints "Exception ignored"
+    and goes on: this raises it again."""
     if _received:
         raise Interrupted(_received[0])
 
