@@ -97,7 +97,7 @@ def _fresh_judge(size: int):
     return judge
 
 
-def c2st(first, second: np.ndarray, groups: tuple | None = None, folds: int = C2ST_FOLDS,
+def c2st(first, second, groups: tuple | None = None, folds: int = C2ST_FOLDS,
          epochs: int = C2ST_EPOCHS, size: int = C2ST_SIZE, seed: int = 0, judges: int = C2ST_JUDGES) -> dict:
     """Classifier two-sample test (Lopez-Paz & Oquab 2017): can a small CNN tell images of `second` from images of
     `first`? Both sets are cut to the same size n and downsized to at most size x size; in k-fold cross-validation
@@ -109,7 +109,8 @@ def c2st(first, second: np.ndarray, groups: tuple | None = None, folds: int = C2
 
     first: one array, or a list of arrays, the draws (e.g. fresh samples each time). Each draw is judged against
     `second` with folds and judges of its own, and the accuracy is over every draw's judgments: one draw of 128
-    samples moves by about 0.1 with the seed (docs/experiments.md); "draws" lists each draw's.
+    samples moves by about 0.1 with the seed (docs/experiments.md); "draws" lists each draw's. second: one array,
+    judged against every draw, or a list of arrays, one a draw (e.g. other deals of real subjects into two sets).
 
     groups: (ids of first, or a list of them per draw; ids of second), e.g. each slice's subject. A group's images
     share a fold, so no image is judged by a classifier that learned its near-duplicates (its subject's
@@ -130,15 +131,19 @@ def c2st(first, second: np.ndarray, groups: tuple | None = None, folds: int = C2
     if judges < 1:
         raise ValueError(f"a C2ST needs at least one judge a fold, got judges={judges}")
     draws = first if isinstance(first, list) else [first]
-    first_ids = groups[0] if groups is not None else None
-    first_ids = first_ids if isinstance(first_ids, list) else [first_ids] * len(draws)
-    second_ids = np.arange(len(second)) if groups is None else groups[1]
-    second = (second, np.asarray(second_ids).astype(str))
+    seconds = second if isinstance(second, list) else [second] * len(draws)
+    if len(seconds) != len(draws):
+        raise ValueError(f"a C2ST needs one second set a draw: {len(draws)} draws, {len(seconds)} second sets")
+    first_ids, second_ids = [None, None] if groups is None else groups
+    first_ids, second_ids = (ids if isinstance(ids, list) else [ids] * len(draws) for ids in (first_ids, second_ids))
     results = []
-    for draw, (images, ids) in enumerate(zip(draws, first_ids)):
-        ids = [f"draw {draw} image {i}" for i in range(len(images))] if ids is None else ids  # new images each draw
-        results.append(_judged((images, np.asarray(ids).astype(str)), second, folds, epochs, size,
-                               seed=seed + draw * folds, judges=judges))  # no two judges share a seed
+    for draw, (images, ids, other, other_ids) in enumerate(zip(draws, first_ids, seconds, second_ids)):
+        new = [f"draw {draw} image {i}" for i in range(max(len(images), len(other)))]  # new images each draw
+        ids = new[:len(images)] if ids is None else ids
+        if other_ids is None:  # one fixed set: an image judged in two draws is one group
+            other_ids = np.arange(len(other)) if not isinstance(second, list) else new[:len(other)]
+        results.append(_judged((images, np.asarray(ids).astype(str)), (other, np.asarray(other_ids).astype(str)),
+                               folds, epochs, size, seed=seed + draw * folds, judges=judges))  # no two share a seed
     outcomes = [np.concatenate([r["correct"][s] for r in results]) for s in (0, 1)]
     ids = [np.unique(np.concatenate([r["labels"][s] for r in results]), return_inverse=True)[1] for s in (0, 1)]
     interval = cluster_bootstrap_interval(outcomes, ids, np.random.default_rng(seed))
@@ -362,7 +367,8 @@ def segment(segmenter, images: np.ndarray) -> np.ndarray:
 
 def dice(predicted: np.ndarray, true: np.ndarray) -> dict:
     """Dice overlap 2|A n B| / (|A| + |B|) of each tissue, over all the slices together."""
-    return {tissue: float(2 * np.sum((predicted == c) & (true == c)) / max(np.sum(predicted == c) + np.sum(true == c), 1))
+    return {tissue: float(2 * np.sum((predicted == c) & (true == c))
+                          / max(np.sum(predicted == c) + np.sum(true == c), 1))
             for c, tissue in enumerate(TISSUES, start=1)}
 
 

@@ -48,15 +48,33 @@ def test_the_prior_step_benchmark_times_one_and_two_levels_at_two_sizes():
 
 @pytest.mark.slow
 def test_the_realism_check_reports_every_known_answer_with_its_interval_and_p_value(demo_dir):
-    figures = benchmark("realism_check", "--data-dir", str(demo_dir), "--image-size", "32", "--judges", "1")
+    figures = benchmark("realism_check", "--data-dir", str(demo_dir), "--image-size", "32", "--judges", "1",
+                        "--deals", "2")
     assert figures["judges"] == 1  # one judge a fold: the known answers, not the ensemble, are under test here
-    known = {"real", "bilinear", "smoothed", "interior_shuffled", "pixels_shuffled", "blank", "blob"}
+    known = {"real", "real_val_vs_test", "bilinear", "smoothed", "interior_shuffled", "pixels_shuffled", "blank",
+             "blob"}
     assert set(figures["known"]) == set(figures["ci95"]) == set(figures["p_value"]) == known
     assert figures["n_per_set"] == 32  # the tiny demo set's one validation and one test subject
+    assert len(figures["real_deals"]) == 2  # real vs real: its two subjects dealt into halves twice
     for key in known:
         low, high = figures["ci95"][key]
         assert 0 <= low <= figures["known"][key] <= high <= 1 and 0 <= figures["p_value"][key] <= 1
     assert figures["known"]["blank"] >= 0.9 and figures["p_value"]["blank"] < 1e-6  # obviously wrong: told apart
+
+
+def test_the_realism_checks_deals_keep_each_subject_whole_on_one_side_and_differ():
+    import numpy as np
+
+    from benchmarks.realism_check import dealt_halves
+
+    subjects = np.repeat(np.array(["a", "b", "c", "d", "e"]), 3)
+    images = np.arange(15)[:, None]
+    firsts, seconds, (first_ids, second_ids) = dealt_halves(images, subjects, 6, np.random.default_rng(0))
+    for first, second, ids, other_ids in zip(firsts, seconds, first_ids, second_ids):
+        assert len(set(ids)) == 2 and set(ids).isdisjoint(other_ids) and set(ids) | set(other_ids) == set(subjects)
+        assert sorted(np.concatenate([first, second])[:, 0]) == list(range(15))  # every slice once
+        assert set(subjects[first[:, 0]]) == set(ids) and len(first) == 6  # a subject's 3 slices go with it
+    assert len({tuple(sorted(set(ids))) for ids in first_ids}) > 1  # the deals differ
 
 
 @pytest.mark.parametrize("name, args", [("realism_check", []), ("sampling_rules", ["--run", "runs/none"])])
@@ -64,6 +82,13 @@ def test_a_judge_count_below_one_is_one_line_and_exit_2(name, args):
     done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args, "--judges", "0"], capture_output=True,
                           text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 2 and "--judges must be 1 or more, got 0" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_realism_check_refuses_fewer_than_one_deal_of_real_subjects_in_one_line():
+    done = subprocess.run([sys.executable, "-m", "benchmarks.realism_check", "--deals", "0"], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 2 and "--deals must be 1 or more, got 0" in done.stderr
     assert "Traceback" not in done.stderr
 
 

@@ -137,6 +137,19 @@ def test_a_c2st_over_draws_pools_the_draws_judgments():
     assert grouped["grouped"] and grouped["groups_per_set"] == [4, 4]  # the same subjects in both draws
 
 
+def test_a_c2st_judges_each_draw_against_a_second_set_of_its_own_when_given_one_a_draw():
+    """Other deals of real subjects: each draw has its own second set, judged as a C2ST of that pair alone would."""
+    rng = np.random.default_rng(1)
+    draws = [rng.random((20, 16, 16, 1)).astype("float32") for _ in range(2)]
+    others = [np.clip(d + rng.normal(0, s, d.shape), 0, 1).astype("float32") for d, s in zip(draws, (0.1, 0.3))]
+    pooled = realism.c2st(draws, others, folds=2, epochs=4, size=16, seed=5)
+    alone = [realism.c2st(d, o, folds=2, epochs=4, size=16, seed=5 + 2 * r)["accuracy"]
+             for r, (d, o) in enumerate(zip(draws, others))]
+    assert pooled["draws"] == alone and pooled["groups_per_set"] == [40, 40]  # new images on both sides each draw
+    with pytest.raises(ValueError, match="one second set a draw: 2 draws, 1 second sets"):
+        realism.c2st(draws, others[:1], folds=2, epochs=4, size=16)
+
+
 def test_a_reused_judge_judges_as_a_new_one():
     """The C2ST compiles one judge per image size and resets it for every fold: weights, dropout seed and Adam's
     state must all be back to a new judge's, or a second test would start from what the first one learned."""
@@ -166,6 +179,9 @@ def test_each_fold_is_judged_by_several_judges_the_first_seeded_as_a_judge_alone
     assert realism.c2st([first, first], second, folds=2, epochs=3, size=16, seed=4, judges=3) == three
     assert one["n_per_set"] == three["n_per_set"] == 24
     assert one["judges_alone"] == [one["accuracy"]]  # one judge: its verdicts are the test's
+    # the first of three judges learns and judges exactly as it would alone
+    assert realism.c2st(first, second, folds=2, epochs=3, size=16, seed=4, judges=3)["judges_alone"][0] == \
+        one["accuracy"]
     assert len(three["judges_alone"]) == 3 and all(0 <= a <= 1 for a in three["judges_alone"])
     with pytest.raises(ValueError, match="at least one judge"):
         realism.c2st(first, second, folds=2, epochs=3, size=16, judges=0)
